@@ -1,0 +1,14 @@
+"""hetjax: keep training residuals in host memory, fetch them back just in time."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._api import het_offload as het_offload
+from ._cost import DeviceProfile as DeviceProfile
+from ._plan import HetjaxWarning as HetjaxWarning
+from ._plan import Plan as Plan
+from ._usage import ResidualUsage as ResidualUsage
+
+try:
+    __version__ = version("hetjax")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,163 @@
+"""The public transformation: `het_offload`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import jax
+import numpy as np
+from jax.tree_util import tree_flatten, tree_unflatten
+
+from ._compat import Jaxpr, Tracer, eval_jaxpr
+from ._cost import DeviceProfile
+from ._plan import Plan, Policy, check_options, make_plan
+from ._rewrite import run_backward, run_forward
+from ._trace import trace_primal, trace_vjp
+from ._usage import Usage, residual_usage
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def het_offload(
+    fun: F,
+    *,
+    policy: Policy = ...,
+    device_budget: float | None = ...,
+    min_bytes: int = ...,
+    profile: DeviceProfile | None = ...,
+) -> F: ...
+@overload
+def het_offload(
+    fun: None = None,
+    *,
+    policy: Policy = ...,
+    device_budget: float | None = ...,
+    min_bytes: int = ...,
+    profile: DeviceProfile | None = ...,
+) -> Callable[[F], F]: ...
+def het_offload(
+    fun: Callable[..., Any] | None = None,
+    *,
+    policy: Policy = "auto",
+    device_budget: float | None = None,
+    min_bytes: int = 2**20,
+    profile: DeviceProfile | None = None,
+) -> Any:
+    """Keep the residuals of `fun`'s VJP in host memory between forward and backward.
+
+    When `fun` is differentiated (`jax.grad`, `jax.value_and_grad`, `jax.vjp`), each
+    residual the plan picks is copied to host memory right after it is produced and
+    copied back just before its first backward use; both copies are pinned so XLA
+    cannot fold or move them. Cheap residuals (views and elementwise functions of
+    values the backward has anyway) are recomputed instead of stored. Values and
+    gradients are those of `fun`: bitwise equal where only data moves.
+
+    Args:
+      fun: the function to transform. Any pytrees of arrays in and out; non-array
+        leaves (Python numbers, strings) are passed through unchanged.
+      policy: `"auto"` (move what the cost model says hides under compute),
+        `"all"` (move every eligible residual of at least `min_bytes`), `"none"`
+        (identical to not decorating), or a callable `ResidualUsage -> bool`
+        asked about each eligible residual.
+      device_budget: target peak device bytes for `"auto"` (planner, issue 4).
+      min_bytes: residuals smaller than this stay on device.
+      profile: the `DeviceProfile` used for timing; defaults per platform.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, hetjax
+        >>> @hetjax.het_offload(policy="all", min_bytes=0)
+        ... def loss(w, x):
+        ...     return jnp.mean(jnp.tanh(x @ w) ** 2)
+        >>> w, x = jnp.full((8, 8), 0.1), jnp.ones((4, 8))
+        >>> g = jax.jit(jax.grad(loss))(w, x)
+        >>> bool(jnp.array_equal(g, jax.jit(jax.grad(loss.__wrapped__))(w, x)))
+        True
+    """
+    check_options(policy, min_bytes, device_budget)
+    if fun is None:
+        return functools.partial(
+            het_offload,
+            policy=policy,
+            device_budget=device_budget,
+            min_bytes=min_bytes,
+            profile=profile,
+        )
+    if not callable(fun):
+        raise TypeError(f"het_offload: expected a callable, got {fun!r}")
+
+    if policy == "none":
+
+        @functools.wraps(fun)
+        def unchanged(*args: Any, **kwargs: Any) -> Any:
+            return fun(*args, **kwargs)
+
+        return unchanged
+
+    options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
+
+    @functools.wraps(fun)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flat_fun, dynamic, out_tree = flatten_call(fun, args, kwargs)
+        primal, consts, _ = trace_primal(flat_fun, dynamic)
+        outs = _offloaded(primal, options)(*consts, *dynamic)
+        return tree_unflatten(out_tree[0], outs)
+
+    return wrapper
+
+
+def is_dynamic(x: Any) -> bool:
+    """Array leaves are traced; other leaves (Python numbers, strings) stay static."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, Tracer))
+
+
+def flatten_call(
+    fun: Callable[..., Any], args: tuple, kwargs: dict
+) -> tuple[Callable[..., list], list[Any], list[Any]]:
+    """`fun(*args, **kwargs)` as a function of its array leaves, returning a flat list.
+
+    The output tree is written to the returned one-element list when traced.
+    """
+    leaves, in_tree = tree_flatten((args, kwargs))
+    mask = [is_dynamic(x) for x in leaves]
+    dynamic = [x for x, m in zip(leaves, mask, strict=True) if m]
+    out_tree: list[Any] = []
+
+    def flat_fun(*dyn: Any) -> list[Any]:
+        it = iter(dyn)
+        merged = [next(it) if m else x for x, m in zip(leaves, mask, strict=True)]
+        a, k = tree_unflatten(in_tree, merged)
+        out_leaves, tree = tree_flatten(fun(*a, **k))
+        out_tree[:] = [tree]
+        return out_leaves
+
+    return flat_fun, dynamic, out_tree
+
+
+def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Plan]:
+    """Trace, record and plan: the pure front half of the pipeline."""
+    usage = residual_usage(trace_vjp(primal, inputs))
+    return usage, make_plan(
+        usage, options["policy"], **{k: v for k, v in options.items() if k != "policy"}
+    )
+
+
+def _offloaded(primal: Jaxpr, options: dict) -> Callable[..., list]:
+    """A `custom_vjp` function that evaluates `primal`, with the rewritten VJP."""
+    state: dict[str, Any] = {}
+
+    @jax.custom_vjp
+    def call(*inputs: Any) -> list[Any]:
+        return eval_jaxpr(primal, (), *inputs)
+
+    def fwd(*inputs: Any) -> tuple[list[Any], list[Any]]:
+        state["usage"], state["plan"] = plan_for(primal, list(inputs), options)
+        return run_forward(state["usage"], state["plan"], inputs)
+
+    def bwd(stored: list[Any], cts: list[Any]) -> tuple[Any, ...]:
+        return tuple(run_backward(state["usage"], state["plan"], stored, cts))
+
+    call.defvjp(fwd, bwd)
+    return call

@@ -1,0 +1,114 @@
+"""The one place that touches JAX internals whose shape differs between versions.
+
+hetjax supports jax 0.10.x (the CPU package index) and 0.11.x (the GPU machines).
+Everything below is either a private JAX API or a spot where those versions differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax._src import core, dtypes, source_info_util
+from jax._src.interpreters import partial_eval as pe
+
+ClosedJaxpr = core.ClosedJaxpr
+Jaxpr = core.Jaxpr
+JaxprEqn = core.JaxprEqn
+Literal = core.Literal
+Var = core.Var
+Tracer = core.Tracer
+
+# Frames inside hetjax are not the user's code: skip them in source summaries.
+source_info_util.register_exclusion(os.path.dirname(__file__))
+
+convert_constvars_jaxpr = pe.convert_constvars_jaxpr
+eval_jaxpr = core.eval_jaxpr
+
+
+def cotangent_aval(x: Any) -> Any:
+    """The aval of a cotangent for a value shaped like `x` (float0 for ints)."""
+    aval = core.ShapedArray(x.shape, x.dtype)
+    to_ct = getattr(aval, "to_ct_aval", None) or aval.to_tangent_aval
+    return to_ct()
+
+
+def bind_params(eqn: JaxprEqn) -> tuple[Sequence[Any], dict[str, Any]]:
+    """`(subfuns, params)` to re-bind `eqn`.
+
+    jax 0.10.x returns a params dict from `get_bind_params` (call primitives put
+    their sub-functions under "subfuns" in it); some other versions return the
+    pair `(subfuns, params)` directly.
+    """
+    out = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(out, tuple):
+        subfuns, params = out
+        return tuple(subfuns), dict(params)
+    params = dict(out)
+    subfuns = params.pop("subfuns", ())
+    return tuple(subfuns), params
+
+
+def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+    """Bind `eqn` to new inputs, keeping its source line and name stack."""
+    subfuns, params = bind_params(eqn)
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (
+        source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+        eqn.ctx.manager,
+    ):
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """The user's `file:line (function)` that emitted `eqn`, or "unknown"."""
+    try:
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - summaries are best effort
+        return "unknown"
+
+
+def is_transpose(eqn: JaxprEqn) -> bool:
+    """Whether JAX marked `eqn` as part of a transposed (backward) computation."""
+    return "transpose(" in str(eqn.source_info.name_stack)
+
+
+def is_extended(dtype: Any) -> bool:
+    """PRNG keys and other extended dtypes cannot be placed in host memory."""
+    return dtypes.issubdtype(dtype, dtypes.extended) or dtype == dtypes.float0
+
+
+def on_host(aval: Any) -> bool:
+    return getattr(aval, "memory_space", None) == core.MemorySpace.Host
+
+
+def nbytes(aval: Any) -> int:
+    if not hasattr(aval, "shape") or is_extended(aval.dtype):
+        return 0
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
+    """Every jaxpr nested in `eqn`'s params (pjit, cond branches, scan, ...)."""
+    found: list[Jaxpr] = []
+
+    def visit(x: Any) -> None:
+        if isinstance(x, ClosedJaxpr):
+            found.append(x.jaxpr)
+        elif isinstance(x, Jaxpr):
+            found.append(x)
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+
+    for value in eqn.params.values():
+        visit(value)
+    return found
+
+
+def typeof(x: Any) -> Any:
+    return jax.typeof(x) if hasattr(jax, "typeof") else core.get_aval(x)

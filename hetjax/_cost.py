@@ -1,0 +1,109 @@
+"""Stage 3: cost. Time per equation from its avals, and the device's rates.
+
+The estimates are deliberately simple: flops for matrix products and convolutions,
+bytes moved for everything else. They order and space the transfers; they are not
+a profiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._compat import JaxprEqn, nbytes, sub_jaxprs
+
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """Rates and sizes of one accelerator and its host link.
+
+    Example:
+        >>> from hetjax import DeviceProfile
+        >>> p = DeviceProfile.for_platform("gpu")
+        >>> round(p.d2h_seconds(2**30) * 1e3)  # one GiB to host, in ms
+        22
+    """
+
+    name: str
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    matmul_flops_per_s: float
+    memory_bytes_per_s: float
+    device_memory_bytes: int
+    host_memory_bytes: int
+    memory_kinds_work: bool = True
+
+    @classmethod
+    def for_platform(cls, platform: str) -> DeviceProfile:
+        """Defaults per platform. GPU link rates are the H200 figures in GPU_FINDINGS.md.
+
+        On CPU the in-jit moves to host memory lower to nothing; the profile keeps
+        GPU-like rates so a plan made on CPU has the structure a GPU would get.
+        """
+        gpu = cls(
+            name="nvidia-gpu (H200 defaults)",
+            h2d_bytes_per_s=52.4 * GB,
+            d2h_bytes_per_s=48.5 * GB,
+            matmul_flops_per_s=600e12,
+            memory_bytes_per_s=3.0e12,
+            device_memory_bytes=141 * 2**30,
+            host_memory_bytes=512 * 2**30,
+        )
+        if platform in ("gpu", "cuda", "rocm"):
+            return gpu
+        return dataclasses.replace(
+            gpu, name=f"{platform} (GPU-like rates)", memory_kinds_work=False
+        )
+
+    def d2h_seconds(self, num_bytes: int) -> float:
+        return num_bytes / self.d2h_bytes_per_s
+
+    def h2d_seconds(self, num_bytes: int) -> float:
+        return num_bytes / self.h2d_bytes_per_s
+
+
+def eqn_seconds(eqn: JaxprEqn, profile: DeviceProfile) -> float:
+    """Estimated run time of one equation, nested jaxprs included."""
+    name = str(eqn.primitive)
+    moved = sum(nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars) if hasattr(v, "aval"))
+    memory_time = moved / profile.memory_bytes_per_s
+    if name == "dot_general":
+        return max(_dot_flops(eqn) / profile.matmul_flops_per_s, memory_time)
+    if name == "conv_general_dilated":
+        return max(_conv_flops(eqn) / profile.matmul_flops_per_s, memory_time)
+    inner = sub_jaxprs(eqn)
+    if inner:
+        reps = int(eqn.params.get("length", 1)) if name == "scan" else 1
+        body = sum(jaxpr_seconds(j.eqns, profile) for j in inner)
+        if name == "cond":  # one branch runs
+            body /= len(inner)
+        return reps * body
+    return memory_time
+
+
+def jaxpr_seconds(eqns: Sequence[JaxprEqn], profile: DeviceProfile) -> float:
+    return sum(eqn_seconds(e, profile) for e in eqns)
+
+
+def _dot_flops(eqn: JaxprEqn) -> float:
+    lhs, rhs = (v.aval for v in eqn.invars)
+    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+    contract = np.prod([lhs.shape[d] for d in lc], dtype=np.float64)
+    out = np.prod(eqn.outvars[0].aval.shape, dtype=np.float64)
+    del rc, lb, rhs
+    return 2.0 * float(out) * float(contract)
+
+
+def _conv_flops(eqn: JaxprEqn) -> float:
+    rhs: Any = eqn.invars[1].aval
+    out = np.prod(eqn.outvars[0].aval.shape, dtype=np.float64)
+    # Each output element reads one filter's worth of inputs: kernel size / out features.
+    dn = eqn.params["dimension_numbers"]
+    out_feature_dim = dn.rhs_spec[0] if dn is not None else 0
+    per_output = np.prod(rhs.shape, dtype=np.float64) / max(rhs.shape[out_feature_dim], 1)
+    return 2.0 * float(out) * float(per_output)

@@ -1,0 +1,205 @@
+"""Stage 5: rewrite. Interpreters that run the forward and backward jaxprs of a
+`VjpProgram` with the plan's moves, pins and recomputations inserted.
+
+Run under a trace (`jax.make_jaxpr`, `jax.jit`, `custom_vjp`), each interpreter emits
+a new jaxpr: the original equations, plus
+
+- forward: `device_put(r, Host)` right after each offloaded residual `r` is produced,
+  and an `optimization_barrier` that ties the host copy to an input of the equation
+  at `offload_by`, so the copy must finish there and cannot be sunk or folded;
+- backward: an `optimization_barrier` that ties the host copy to an input of the
+  equation at `prefetch_at`, then `device_put(r, Device)`, so the copy back starts
+  there and not earlier; recomputed residuals are rebuilt just before first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax import lax
+
+from ._compat import Literal, Var, bind_eqn
+from ._plan import Plan
+from ._usage import Usage
+
+HOST = jax.memory.Space.Host
+DEVICE = jax.memory.Space.Device
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredLayout:
+    """Which values the forward hands to the backward, in order."""
+
+    residuals: tuple[int, ...]  # residual indices stored (kept or offloaded)
+    inputs: tuple[int, ...]  # forward input indices that recomputations read
+
+    @classmethod
+    def of(cls, usage: Usage, plan: Plan) -> StoredLayout:
+        stored = tuple(r.index for r in plan.residuals if r.decision != "recompute")
+        inputs = sorted(
+            {i for r in plan.residuals if r.decision == "recompute"
+             for i in usage.recipes[r.index].input_anchors}
+        )  # fmt: skip
+        return cls(stored, tuple(inputs))
+
+
+def _read(env: dict, v: Any) -> Any:
+    return v.val if isinstance(v, Literal) else env[v]
+
+
+def _first_var(eqn: Any, env: dict) -> Var | None:
+    return next((v for v in eqn.invars if isinstance(v, Var) and v in env), None)
+
+
+def _tie(values: list[Any], anchor: Any) -> tuple[list[Any], Any]:
+    """Pin `values` to `anchor`: neither side can be used before both exist."""
+    *tied, anchor = lax.optimization_barrier((*values, anchor))
+    return list(tied), anchor
+
+
+def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, list]:
+    """Evaluate the forward jaxpr: returns `(outputs, stored values)`."""
+    program = usage.program
+    jaxpr = program.forward.jaxpr
+    res_vars = program.residual_vars
+    layout = StoredLayout.of(usage, plan)
+    stored_vars = [res_vars[k] for k in layout.residuals]
+
+    # Offloaded residuals, by variable: producer eqn -> vars, pin eqn -> vars.
+    offload_after: dict[int, list[Var]] = {}
+    pin_before: dict[int, list[Var]] = {}
+    seen: set[Var] = set()
+    for r in plan.offloaded:
+        v = res_vars[r.index]
+        if v in seen:
+            continue
+        seen.add(v)
+        offload_after.setdefault(r.produced_at, []).append(v)
+        pin_before.setdefault(r.offload_by, []).append(v)
+
+    live = _live_eqns(jaxpr, [*jaxpr.outvars[: program.num_outputs], *stored_vars])
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, program.forward.consts, strict=True))
+    env.update(zip(jaxpr.invars, inputs, strict=True))
+    host: dict[Var, Any] = {}
+    waiting: list[Var] = []
+    for i, eqn in enumerate(jaxpr.eqns):
+        waiting.extend(pin_before.get(i, ()))
+        anchor = _first_var(eqn, env) if waiting and live[i] else None
+        if anchor is not None:
+            tied, env[anchor] = _tie([host[v] for v in waiting], env[anchor])
+            host.update(zip(waiting, tied, strict=True))
+            waiting = []
+        if not live[i]:
+            continue
+        outs = bind_eqn(eqn, [_read(env, v) for v in eqn.invars])
+        env.update(zip(eqn.outvars, outs, strict=True))
+        for v in offload_after.get(i, ()):
+            host[v] = jax.device_put(env[v], HOST)
+    outputs = [_read(env, v) for v in jaxpr.outvars[: program.num_outputs]]
+    if waiting:  # pinned at the end of the forward: tie to the outputs
+        arrays = [j for j, o in enumerate(outputs) if hasattr(o, "shape")]
+        *tied, rest = lax.optimization_barrier(
+            (*[host[v] for v in waiting], [outputs[j] for j in arrays])
+        )
+        host.update(zip(waiting, tied, strict=True))
+        for j, o in zip(arrays, rest, strict=True):
+            outputs[j] = o
+    stored = [host.get(v, None) if v in host else _read(env, v) for v in stored_vars]
+    stored += [inputs[i] for i in layout.inputs]
+    return outputs, stored
+
+
+def run_backward(
+    usage: Usage, plan: Plan, stored: Sequence[Any], cotangents: Sequence[Any]
+) -> list[Any]:
+    """Evaluate the backward jaxpr: returns the input cotangents."""
+    program = usage.program
+    jaxpr = program.backward.jaxpr
+    num_fwd = len(program.forward.jaxpr.eqns)
+    layout = StoredLayout.of(usage, plan)
+    res_invars = jaxpr.invars[: program.num_residuals]
+    ct_invars = jaxpr.invars[program.num_residuals :]
+    res_vars = program.residual_vars
+    decision = {r.index: r.decision for r in plan.residuals}
+    index_of_invar = {v: k for k, v in enumerate(res_invars)}
+
+    value: dict[int, Any] = {}  # residual index -> value on device
+    on_host: dict[int, Any] = {}  # residual index -> host copy not yet fetched
+    for k, x in zip(layout.residuals, stored, strict=False):
+        (on_host if decision[k] == "offload" else value)[k] = x
+    input_value = dict(zip(layout.inputs, stored[len(layout.residuals) :], strict=True))
+
+    prefetch: dict[int, list[int]] = {}
+    for r in plan.offloaded:
+        prefetch.setdefault(r.prefetch_at - num_fwd, []).append(r.index)
+
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, program.backward.consts, strict=True))
+    env.update(zip(ct_invars, cotangents, strict=True))
+    recent = [next((c for c in cotangents if hasattr(c, "shape")), None)]
+
+    def fetch(k: int) -> None:
+        if k in on_host:
+            value[k] = jax.device_put(on_host.pop(k), DEVICE)
+
+    def materialize(k: int) -> Any:
+        if k not in value:
+            fetch(k)
+        if k not in value:  # recompute from inputs and other residuals
+            recipe = usage.recipes[k]
+            anchors = [materialize(a) for a in recipe.residual_anchors]
+            anchors += [input_value[i] for i in recipe.input_anchors]
+            if recent[0] is not None:
+                # Keeps XLA from merging this with the forward's copy (CSE) and
+                # from hoisting it out of the backward.
+                anchors, _ = _tie(anchors, recent[0])
+            fwd = program.forward.jaxpr
+            local: dict[Any, Any] = {}
+            local.update(zip([res_vars[a] for a in recipe.residual_anchors], anchors))
+            local.update(
+                zip([fwd.invars[i] for i in recipe.input_anchors],
+                    anchors[len(recipe.residual_anchors) :])
+            )  # fmt: skip
+            local.update(zip(fwd.constvars, program.forward.consts, strict=True))
+            for e in recipe.eqns:
+                eqn = fwd.eqns[e]
+                local.update(zip(eqn.outvars, bind_eqn(eqn, [_read(local, v) for v in eqn.invars])))
+            value[k] = local[res_vars[k]]
+        return value[k]
+
+    def read(v: Any) -> Any:
+        if isinstance(v, Literal):
+            return v.val
+        if v in index_of_invar and v not in env:
+            env[v] = materialize(index_of_invar[v])
+        return env[v]
+
+    for j, eqn in enumerate(jaxpr.eqns):
+        ks = [k for k in prefetch.get(j, ()) if k in on_host]
+        anchor = _first_var(eqn, env) if ks else None
+        if anchor is not None:
+            tied, env[anchor] = _tie([on_host[k] for k in ks], env[anchor])
+            on_host.update(zip(ks, tied, strict=True))
+        for k in ks:
+            fetch(k)
+        outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
+        env.update(zip(eqn.outvars, outs, strict=True))
+        if outs and hasattr(outs[0], "shape"):
+            recent[0] = outs[0]
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _live_eqns(jaxpr: Any, needed: Sequence[Any]) -> list[bool]:
+    """Top-level liveness: which equations contribute to `needed` or have effects."""
+    used = {v for v in needed if isinstance(v, Var)}
+    live = [False] * len(jaxpr.eqns)
+    for i in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[i]
+        if eqn.effects or any(v in used for v in eqn.outvars):
+            live[i] = True
+            used.update(v for v in eqn.invars if isinstance(v, Var))
+    return live

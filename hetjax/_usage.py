@@ -1,0 +1,202 @@
+"""Stage 2: usage. One `ResidualUsage` per residual: the patent's forward-pass monitor.
+
+Positions are in program order: forward equations are `0 .. F-1`, backward equations
+`F .. F+B-1`. A function input is produced at position -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from ._compat import Var, is_extended, nbytes, on_host, source_line
+from ._trace import VjpProgram
+
+Decision = Literal["keep", "offload", "recompute"]
+
+# Primitives whose output is a view of, or a cheap elementwise function of, their
+# inputs. A residual built only from these (and from values available in the
+# backward anyway) is recomputed there instead of stored (GPU_FINDINGS.md, item 3).
+VIEW_PRIMITIVES = frozenset(
+    """slice squeeze reshape transpose broadcast_in_dim convert_element_type
+    expand_dims dynamic_slice copy copy_p rev reduce_precision""".split()
+)
+ELEMENTWISE_PRIMITIVES = frozenset(
+    """add sub mul neg div integer_pow square max min abs sign select_n exp exp2
+    log log1p expm1 tanh logistic sqrt rsqrt sin cos erf pow eq ne gt ge lt le
+    and or not""".split()
+)
+CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES
+MAX_RECOMPUTE_EQNS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualUsage:
+    """How one residual is produced and used, and what the plan does with it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, hetjax
+        >>> def loss(w, x):
+        ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
+        >>> w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
+        >>> report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
+        >>> [r.primitive for r in report.residuals][:2]
+        ['dot_general', 'tanh']
+    """
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    primitive: str
+    source: str
+    produced_at: int
+    last_forward_use: int
+    first_backward_use: int
+    is_input: bool
+    recomputable: bool
+    offloadable: bool
+    memory: str = "device"
+    decision: Decision = "keep"
+    offload_by: int | None = None
+    prefetch_at: int | None = None
+
+    @property
+    def idle_span(self) -> int:
+        """Positions between the last forward use and the first backward use."""
+        return self.first_backward_use - self.last_forward_use
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to recompute a residual in the backward from values available there."""
+
+    eqns: tuple[int, ...]  # forward equation indices, in program order
+    input_anchors: tuple[int, ...]  # forward input indices it reads
+    residual_anchors: tuple[int, ...]  # residual indices it reads
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """The usage record of a `VjpProgram`: residuals plus how to recompute some."""
+
+    program: VjpProgram
+    residuals: tuple[ResidualUsage, ...]
+    recipes: dict[int, Recipe]
+
+
+def residual_usage(program: VjpProgram) -> Usage:
+    fwd = program.forward.jaxpr
+    bwd = program.backward.jaxpr
+    num_fwd = len(fwd.eqns)
+    num_bwd = len(bwd.eqns)
+    res_vars = program.residual_vars
+
+    producer: dict[Var, int] = {}
+    last_use: dict[Var, int] = {}
+    for i, eqn in enumerate(fwd.eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var):
+                last_use[v] = i
+        for v in eqn.outvars:
+            producer[v] = i
+    input_index = {v: i for i, v in enumerate(fwd.invars)}
+
+    bwd_res_invars = bwd.invars[: program.num_residuals]
+    first_use: dict[Var, int] = {}
+    for j, eqn in enumerate(bwd.eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var) and v not in first_use:
+                first_use[v] = num_fwd + j
+
+    # The first residual index for each var; a repeated var shares its record.
+    residual_of: dict[Var, int] = {}
+    for k, v in enumerate(res_vars):
+        if isinstance(v, Var):
+            residual_of.setdefault(v, k)
+
+    recipes: dict[int, Recipe] = {}
+    records = []
+    for k, v in enumerate(res_vars):
+        aval = v.aval
+        if not isinstance(v, Var):
+            records.append(_constant_record(k, aval, num_fwd + num_bwd))
+            continue
+        p = producer.get(v, -1)
+        eqn = fwd.eqns[p] if p >= 0 else None
+        recipe = None if eqn is None else _recipe(fwd, v, producer, input_index, residual_of)
+        if recipe is not None:
+            recipes[k] = recipe
+        records.append(
+            ResidualUsage(
+                index=k,
+                shape=tuple(aval.shape),
+                dtype=str(aval.dtype),
+                nbytes=nbytes(aval),
+                primitive="argument" if eqn is None else str(eqn.primitive),
+                source="argument" if eqn is None else source_line(eqn),
+                produced_at=p,
+                last_forward_use=max(p, last_use.get(v, p)),
+                first_backward_use=first_use.get(bwd_res_invars[k], num_fwd + num_bwd),
+                is_input=v in input_index or _aliases_input(fwd, v, producer, input_index),
+                recomputable=recipe is not None,
+                offloadable=not is_extended(aval.dtype) and not on_host(aval),
+                memory="host" if on_host(aval) else "device",
+            )
+        )
+    return Usage(program=program, residuals=tuple(records), recipes=recipes)
+
+
+def _constant_record(k: int, aval: Any, end: int) -> ResidualUsage:
+    return ResidualUsage(
+        index=k, shape=tuple(aval.shape), dtype=str(aval.dtype), nbytes=nbytes(aval),
+        primitive="literal", source="constant", produced_at=-1, last_forward_use=-1,
+        first_backward_use=end, is_input=True, recomputable=False, offloadable=False,
+    )  # fmt: skip
+
+
+def _aliases_input(fwd: Any, v: Var, producer: dict, input_index: dict) -> bool:
+    """Whether `v` is a view (slice, reshape, convert, ...) of a function input."""
+    while v not in input_index:
+        p = producer.get(v)
+        if p is None:
+            return False
+        eqn = fwd.eqns[p]
+        if str(eqn.primitive) not in VIEW_PRIMITIVES:
+            return False
+        v = eqn.invars[0]
+        if not isinstance(v, Var):
+            return False
+    return True
+
+
+def _recipe(
+    fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
+) -> Recipe | None:
+    """The cheap forward equations that rebuild `target` from inputs and residuals."""
+    eqns: set[int] = set()
+    inputs: set[int] = set()
+    residuals: set[int] = set()
+    stack = [target]
+    while stack:
+        v = stack.pop()
+        if v is not target:
+            if v in input_index:
+                inputs.add(input_index[v])
+                continue
+            if v in residual_of:
+                residuals.add(residual_of[v])
+                continue
+        p = producer.get(v)
+        if p is None:
+            return None
+        if p in eqns:
+            continue
+        eqn = fwd.eqns[p]
+        if str(eqn.primitive) not in CHEAP_PRIMITIVES or eqn.effects:
+            return None
+        eqns.add(p)
+        if len(eqns) > MAX_RECOMPUTE_EQNS:
+            return None
+        stack.extend(x for x in eqn.invars if isinstance(x, Var))
+    return Recipe(tuple(sorted(eqns)), tuple(sorted(inputs)), tuple(sorted(residuals)))
