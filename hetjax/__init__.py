@@ -6,6 +6,8 @@ from ._api import het_offload as het_offload
 from ._cost import DeviceProfile as DeviceProfile
 from ._plan import HetjaxWarning as HetjaxWarning
 from ._plan import Plan as Plan
+from ._report import Report as Report
+from ._report import analyze as analyze
 from ._usage import ResidualUsage as ResidualUsage
 
 try:

@@ -36,31 +36,22 @@ def cotangent_aval(x: Any) -> Any:
     return to_ct()
 
 
-def bind_params(eqn: JaxprEqn) -> tuple[Sequence[Any], dict[str, Any]]:
-    """`(subfuns, params)` to re-bind `eqn`.
-
-    jax 0.10.x returns a params dict from `get_bind_params` (call primitives put
-    their sub-functions under "subfuns" in it); some other versions return the
-    pair `(subfuns, params)` directly.
-    """
-    out = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(out, tuple):
-        subfuns, params = out
-        return tuple(subfuns), dict(params)
-    params = dict(out)
-    subfuns = params.pop("subfuns", ())
-    return tuple(subfuns), params
-
-
 def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     """Bind `eqn` to new inputs, keeping its source line and name stack."""
-    subfuns, params = bind_params(eqn)
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(bind_params, tuple):
+        # Older JAX: `(subfuns, params)`, sub-functions bound positionally.
+        subfuns, params = bind_params
+        args = (*subfuns, *invals)
+    else:
+        # jax 0.10.x: one dict; call primitives carry `subfuns=` inside it.
+        params, args = bind_params, tuple(invals)
     name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
     with (
         source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
         eqn.ctx.manager,
     ):
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
+        out = eqn.primitive.bind(*args, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
@@ -87,8 +78,11 @@ def on_host(aval: Any) -> bool:
 
 
 def nbytes(aval: Any) -> int:
-    if not hasattr(aval, "shape") or is_extended(aval.dtype):
+    """Bytes of one value; PRNG keys count their underlying integers."""
+    if not hasattr(aval, "shape") or aval.dtype == dtypes.float0:
         return 0
+    if is_extended(aval.dtype):
+        aval = core.physical_aval(aval)
     return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from ._cost import DeviceProfile, eqn_seconds
 from ._usage import ResidualUsage, Usage
 
-Policy = Union[str, Callable[[ResidualUsage], bool]]
+Policy = str | Callable[[ResidualUsage], bool]
 POLICIES = ("auto", "all", "none")
 
 
@@ -77,8 +77,7 @@ class Plan:
 
 def program_timeline(usage: Usage, profile: DeviceProfile) -> np.ndarray:
     """Estimated start time of each position; the last entry is the end of the step."""
-    eqns = [*usage.program.forward.jaxpr.eqns, *usage.program.backward.jaxpr.eqns]
-    times = [eqn_seconds(e, profile) for e in eqns]
+    times = [eqn_seconds(e, profile) for e in usage.eqns]
     return np.concatenate([[0.0], np.cumsum(times)])
 
 
@@ -94,7 +93,7 @@ def make_plan(
     check_options(policy, min_bytes, device_budget)
     profile = profile or DeviceProfile.for_platform("gpu")
     timeline = program_timeline(usage, profile)
-    num_fwd = len(usage.program.forward.jaxpr.eqns)
+    num_fwd = usage.boundary
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
 
     decided: dict[int, str] = {}
@@ -135,7 +134,7 @@ def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
     if r.is_input or r.nbytes < min_bytes or r.nbytes == 0:
         return "keep"
     if not r.offloadable:
-        if r.primitive != "literal" and r.memory == "device":
+        if r.memory == "device":
             warn_once(
                 f"hetjax: keeping a residual of type {r.dtype}{list(r.shape)} produced by "
                 f"'{r.primitive}' on device: it cannot be placed in host memory."

@@ -40,8 +40,8 @@ class ResidualUsage:
         ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
         >>> w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
         >>> report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
-        >>> [r.primitive for r in report.residuals][:2]
-        ['dot_general', 'tanh']
+        >>> [(r.primitive, r.decision) for r in report.residuals][1:]
+        [('argument', 'keep'), ('tanh', 'offload'), ('sub', 'recompute'), ('mul', 'recompute')]
     """
 
     index: int
@@ -78,11 +78,18 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
-    """The usage record of a `VjpProgram`: residuals plus how to recompute some."""
+    """The usage record of a program: residuals, how to recompute some, and the
+    program order the positions refer to.
 
-    program: VjpProgram
+    The planner reads only `residuals`, `recipes`, `eqns` and `boundary`; `program`
+    is for the rewrite of the form that produced the record.
+    """
+
+    program: Any
     residuals: tuple[ResidualUsage, ...]
     recipes: dict[int, Recipe]
+    eqns: tuple[Any, ...]  # every top-level equation, in program order
+    boundary: int  # positions < boundary are forward, the rest backward
 
 
 def residual_usage(program: VjpProgram) -> Usage:
@@ -144,7 +151,13 @@ def residual_usage(program: VjpProgram) -> Usage:
                 memory="host" if on_host(aval) else "device",
             )
         )
-    return Usage(program=program, residuals=tuple(records), recipes=recipes)
+    return Usage(
+        program=program,
+        residuals=tuple(records),
+        recipes=recipes,
+        eqns=(*fwd.eqns, *bwd.eqns),
+        boundary=num_fwd,
+    )
 
 
 def _constant_record(k: int, aval: Any, end: int) -> ResidualUsage:

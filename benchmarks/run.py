@@ -1,0 +1,411 @@
+"""Benchmark hetjax against plain JAX, JAX remat and JAX's own offload policy.
+
+Usage:
+    python benchmarks/run.py [--model mlp] [--preset tiny|reference]
+                             [--variants plain,jax_remat,...] [--steps 20] [--json PATH]
+
+Every variant trains the same model with one jitted step (`jax.value_and_grad` + SGD)
+and runs in a fresh Python process, because `peak_bytes_in_use` is a high-water mark
+for the whole process. The worker records, in this order:
+  1. the compiled step's `memory_analysis()`: temp, host temp, argument, output bytes;
+  2. the median and minimum time of `--steps` steps after `--warmup` steps;
+  3. `peak_bytes_in_use` of device 0, read right after timing (None on CPU);
+  4. the relative L2 error of the variant's gradient against the plain one, in f32,
+     computed after timing so it cannot inflate the peak.
+
+The default preset is `tiny` on CPU and `reference` elsewhere. On CPU every memory kind
+is the same memory, so figures there check plumbing and numerics, never savings.
+Results go to a table on the terminal, and to JSON with `--json PATH`; on a GPU the JSON
+also goes by default to `benchmarks/results/<model>_<preset>_<device>.json`.
+
+To add a variant, add a builder to `VARIANTS`; to add a model, register it in
+`models.MODELS`. The parent process never imports a JAX backend: it asks a worker
+(`--info`) what the device is, so that it holds no device memory itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from models import MODELS, Layer, Loss, Model
+
+import hetjax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LEARNING_RATE = 1e-3
+# hetjax's default min_bytes (1 MiB) is larger than every residual of the tiny presets;
+# there it is 0 so that the tiny runs still move something (on paper: CPU moves nothing).
+TINY_MIN_BYTES = 0
+DEFAULT_MIN_BYTES = 2**20
+CPU_NOTE = (
+    "note: on CPU every memory kind is the same memory and host copies lower to nothing, "
+    "so the memory figures below prove nothing about savings."
+)
+
+# ------------------------------------------------------------------------------ variants
+# A variant builder maps a model to candidate losses {detail: loss}. The worker compiles
+# every candidate and keeps the one with the smallest compiled temp bytes.
+Candidates = dict[str, Loss]
+
+
+def plain(model: Model) -> Candidates:
+    return {"jax.value_and_grad": model.loss}
+
+
+def remat_with(policy_name: str) -> Callable[[Model], Candidates]:
+    """Per-layer `jax.checkpoint` with one `jax.checkpoint_policies` policy."""
+
+    def build(model: Model) -> Candidates:
+        policy = getattr(jax.checkpoint_policies, policy_name)
+        loss = model.loss_with(lambda layer: jax.checkpoint(layer, policy=policy))
+        return {f"per-layer checkpoint, policy={policy_name}": loss}
+
+    return build
+
+
+def jax_remat(model: Model) -> Candidates:
+    """Both remat policies; the worker reports the one with the smaller temp."""
+    return {**remat_with("nothing_saveable")(model), **remat_with("dots_saveable")(model)}
+
+
+def name_output(layer: Layer) -> Layer:
+    """`layer` with its output tagged `layer_out` for a names-based policy."""
+
+    def named(w: Any, x: Any) -> Any:
+        return checkpoint_name(layer(w, x), "layer_out")
+
+    return named
+
+
+def jax_offload(model: Model) -> Candidates:
+    """JAX's own offload: every layer output saved to pinned host, nothing else saved."""
+    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["layer_out"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+    loss = jax.checkpoint(model.loss_with(name_output), policy=policy)
+    return {"save_and_offload_only_these_names(layer_out -> pinned_host)": loss}
+
+
+def hetjax_with(policy: str) -> Callable[[Model], Candidates]:
+    """`hetjax.het_offload(loss, policy=policy)` on the whole loss."""
+
+    def build(model: Model) -> Candidates:
+        min_bytes = TINY_MIN_BYTES if model.preset == "tiny" else DEFAULT_MIN_BYTES
+        loss = hetjax.het_offload(model.loss, policy=policy, min_bytes=min_bytes)
+        return {f"het_offload(policy={policy!r}, min_bytes={min_bytes})": loss}
+
+    return build
+
+
+VARIANTS: dict[str, Callable[[Model], Candidates]] = {
+    "plain": plain,
+    "jax_remat": jax_remat,
+    "jax_offload": jax_offload,
+    "hetjax_all": hetjax_with("all"),
+    "hetjax_auto": hetjax_with("auto"),
+    # Not in the default list: each remat policy on its own.
+    "jax_remat_nothing": remat_with("nothing_saveable"),
+    "jax_remat_dots": remat_with("dots_saveable"),
+}
+DEFAULT_VARIANTS = ("plain", "jax_remat", "jax_offload", "hetjax_all", "hetjax_auto")
+RESULT_KEYS = (
+    "name",
+    "temp_bytes",
+    "host_temp_bytes",
+    "argument_bytes",
+    "output_bytes",
+    "peak_bytes",
+    "step_ms",
+    "step_ms_min",
+    "grad_rel_err",
+    "error",
+)
+
+# -------------------------------------------------------------------------------- worker
+
+
+def log(message: str) -> None:
+    """Progress on stderr: stdout carries only the result line."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def sgd_step(loss: Loss) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """One training step: loss value and SGD-updated params."""
+
+    def step(params: Any, batch: Any) -> tuple[Any, Any]:
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        new = jax.tree.map(lambda p, g: (p - LEARNING_RATE * g).astype(p.dtype), params, grads)
+        return value, new
+
+    return step
+
+
+def memory_fields(compiled: Any) -> dict[str, int | None]:
+    """The compiled program's memory figures (None where the backend gives none)."""
+    stats = compiled.memory_analysis()
+
+    def field(name: str) -> int | None:
+        value = getattr(stats, name, None)
+        return None if value is None else int(value)
+
+    return {
+        "temp_bytes": field("temp_size_in_bytes"),
+        "host_temp_bytes": field("host_temp_size_in_bytes"),
+        "argument_bytes": field("argument_size_in_bytes"),
+        "output_bytes": field("output_size_in_bytes"),
+    }
+
+
+def compile_best(candidates: Candidates, params: Any, batch: Any) -> tuple[str, Loss, Any, dict]:
+    """Compile every candidate's step; keep the one with the smallest temp bytes."""
+    best = None
+    for detail, loss in candidates.items():
+        compiled = jax.jit(sgd_step(loss)).trace(params, batch).lower().compile()
+        memory = memory_fields(compiled)
+        log(f"  compiled {detail}: temp {memory['temp_bytes']} B")
+        temp = memory["temp_bytes"] if memory["temp_bytes"] is not None else float("inf")
+        if best is None or temp < best[0]:
+            best = (temp, detail, loss, compiled, memory)
+    assert best is not None, "a variant must have at least one candidate"
+    return best[1:]
+
+
+def time_steps(compiled: Any, params: Any, batch: Any, steps: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `steps` steps, after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        _, params = jax.block_until_ready(compiled(params, batch))
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def peak_bytes() -> int | None:
+    """Device 0's `peak_bytes_in_use` for this process, where the backend reports it."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+def grad_rel_err(reference: Loss, loss: Loss, params: Any, batch: Any) -> float:
+    """`||g - g_ref|| / ||g_ref||` over all gradient leaves, in float32."""
+    g_ref = jax.jit(jax.grad(reference))(params, batch)
+    g = jax.jit(jax.grad(loss))(params, batch)
+    f32 = jnp.float32
+    diff = sum(
+        jnp.sum((a.astype(f32) - b.astype(f32)) ** 2)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True)
+    )
+    norm = sum(jnp.sum(b.astype(f32) ** 2) for b in jax.tree.leaves(g_ref))
+    return float(jnp.sqrt(diff) / jnp.sqrt(norm))
+
+
+def empty_result(name: str) -> dict[str, Any]:
+    return {key: None for key in RESULT_KEYS} | {"name": name}
+
+
+def measure(model_name: str, preset: str, variant: str, steps: int, warmup: int) -> dict:
+    """One variant's figures; an exception is recorded in `error`, not raised."""
+    result = empty_result(variant)
+    try:
+        model = MODELS[model_name](preset)
+        params, batch = model.init()
+        detail, loss, compiled, memory = compile_best(VARIANTS[variant](model), params, batch)
+        result |= memory | {"detail": detail}
+        log(f"  timing {steps} steps of {detail}")
+        times = time_steps(compiled, params, batch, steps, warmup)
+        result["peak_bytes"] = peak_bytes()
+        result["step_ms"] = statistics.median(times)
+        result["step_ms_min"] = min(times)
+        result["grad_rel_err"] = grad_rel_err(model.loss, loss, params, batch)
+    except Exception as e:  # any failure is a result to report
+        traceback.print_exc(file=sys.stderr)
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def device_info() -> dict[str, str]:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "jax_version": jax.__version__,
+    }
+
+
+# -------------------------------------------------------------------------------- parent
+
+
+def run_worker(extra: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Run this script with `extra` arguments; its last JSON stdout line, and an error."""
+    command = [sys.executable, str(Path(__file__).resolve()), *extra]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return None, f"timed out after {timeout:.0f} s; stderr tail: {tail(e.stderr)}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return None, f"worker exited with code {proc.returncode}; stderr tail: {tail(proc.stderr)}"
+    return json.loads(lines[-1]), ""
+
+
+def tail(text: str | bytes | None, lines: int = 5) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return " | ".join((text or "").strip().splitlines()[-lines:])
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    """One variant in a fresh process; a crash or timeout becomes its `error`."""
+    extra = ["--worker", variant, "--model", args.model, "--preset", args.preset]
+    extra += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    result, error = run_worker(extra, args.timeout)
+    return result if result is not None else empty_result(variant) | {"error": error}
+
+
+def mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f}"
+
+
+def progress_line(r: dict) -> str:
+    if r["error"]:
+        return f"{r['name']}: ERROR {r['error']}"
+    return (
+        f"{r['name']}: temp {mib(r['temp_bytes'])} MiB, host temp {mib(r['host_temp_bytes'])} "
+        f"MiB, peak {mib(r['peak_bytes'])} MiB, {r['step_ms']:.2f} ms/step, "
+        f"grad rel err {r['grad_rel_err']:.1e} [{r.get('detail', '')}]"
+    )
+
+
+def table(results: list[dict]) -> str:
+    """A markdown table of the results, step time relative to `plain` if it ran."""
+    base = next((r["step_ms"] for r in results if r["name"] == "plain" and r["step_ms"]), None)
+    header = [
+        "variant",
+        "temp MiB",
+        "host temp MiB",
+        "peak MiB",
+        "step ms",
+        "vs plain",
+        "grad rel err",
+    ]
+    rows = [header, ["---"] * len(header)]
+    for r in results:
+        ms = r["step_ms"]
+        rows.append(
+            [
+                r["name"] + (" (error)" if r["error"] else ""),
+                mib(r["temp_bytes"]),
+                mib(r["host_temp_bytes"]),
+                mib(r["peak_bytes"]),
+                "-" if ms is None else f"{ms:.2f}",
+                "-" if ms is None or base is None else f"{ms / base:.2f}",
+                "-" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}",
+            ]
+        )
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def json_path(args: argparse.Namespace, info: dict) -> Path | None:
+    """`--json`, else the default results file on a GPU, else None (CPU writes nothing)."""
+    if args.json:
+        return Path(args.json)
+    if info["platform"] != "gpu":
+        return None
+    return RESULTS_DIR / f"{args.model}_{args.preset}_{slug(info['device_kind'])}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
+    parser.add_argument("--preset", default=None, help="default: tiny on CPU, else reference")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per variant")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--info", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.info:
+        print(json.dumps(device_info()), flush=True)
+        return 0
+    if args.worker:
+        result = measure(args.model, args.preset, args.worker, args.steps, args.warmup)
+        print(json.dumps(result), flush=True)
+        return 0
+
+    info, error = run_worker(["--info"], args.timeout)
+    if info is None:
+        print(f"could not start a JAX worker: {error}", file=sys.stderr)
+        return 2
+    on_cpu = info["platform"] == "cpu"
+    args.preset = args.preset or ("tiny" if on_cpu else "reference")
+    try:
+        config = MODELS[args.model](args.preset).config
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    device = f"{info['device_kind']} ({info['platform']})"
+    print(f"{args.model} / {args.preset} on {device}, jax {info['jax_version']}", flush=True)
+    if on_cpu:
+        print(CPU_NOTE, flush=True)
+
+    results = []
+    for variant in args.variants.split(","):
+        results.append(run_variant(args, variant))
+        print(progress_line(results[-1]), flush=True)
+    print(table(results), flush=True)
+
+    path = json_path(args, info)
+    if path is not None:
+        report = {
+            "device": device,
+            "jax_version": info["jax_version"],
+            "model": args.model,
+            "preset": args.preset,
+            "config": config,
+            "variants": results,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}", flush=True)
+    return 1 if any(r["error"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

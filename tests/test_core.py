@@ -1,0 +1,305 @@
+"""het_offload on loss functions: same values and gradients, planned host moves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from models import MODELS
+
+import hetjax
+
+ALL = dict(policy="all", min_bytes=0)
+
+
+def assert_trees_equal(a, b):
+    """Exact equality, leaf by leaf: only data moved, so not one bit may differ."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def host_puts(jaxpr) -> int:
+    return str(jaxpr).count("devices=(MemorySpace.Host,)")
+
+
+def differentiable(args):
+    return tuple(
+        i for i, a in enumerate(args) if jnp.issubdtype(jax.tree.leaves(a)[0].dtype, jnp.floating)
+    )
+
+
+ORDERS = {
+    "jit(grad)": lambda f, argnums: jax.jit(jax.grad(f, argnums)),
+    "grad(jit)": lambda f, argnums: jax.grad(jax.jit(f), argnums),
+    "jit(value_and_grad)": lambda f, argnums: jax.jit(jax.value_and_grad(f, argnums)),
+    "grad eager": lambda f, argnums: jax.grad(f, argnums),
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("model", MODELS)
+def test_gradients_bitwise_equal(model, order):
+    loss, args = MODELS[model]()
+    argnums = differentiable(args)
+    expected = ORDERS[order](loss, argnums)(*args)
+    got = ORDERS[order](hetjax.het_offload(loss, **ALL), argnums)(*args)
+    assert_trees_equal(got, expected)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_forward_value_unchanged(model):
+    loss, args = MODELS[model]()
+    assert_trees_equal(jax.jit(hetjax.het_offload(loss, **ALL))(*args), jax.jit(loss)(*args))
+
+
+@pytest.mark.parametrize("model", ["mlp", "stacked_mlp", "cnn", "attention", "scan"])
+def test_jaxpr_holds_planned_host_moves(model):
+    loss, args = MODELS[model]()
+    argnums = differentiable(args)
+    jaxpr = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, **ALL), argnums))(*args)
+    assert host_puts(jaxpr) > 0
+    assert "optimization_barrier" in str(jaxpr)
+    # Every host copy comes back: one device_put to Device per host copy.
+    assert str(jaxpr).count("devices=(MemorySpace.Device,)") == host_puts(jaxpr)
+
+
+@pytest.mark.parametrize("model", ["stacked_mlp", "attention", "scan"])
+def test_gpu_lowering_has_pinned_host(model):
+    loss, args = MODELS[model]()
+    step = jax.jit(jax.grad(hetjax.het_offload(loss, **ALL), differentiable(args)))
+    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "annotate_device_placement" in text
+    assert '_xla_buffer_placement = "pinned_host"' in text
+
+
+def test_policy_none_is_the_undecorated_function():
+    loss, args = MODELS["mlp"]()
+    plain = jax.make_jaxpr(jax.grad(loss))(*args)
+    none = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, policy="none")))(*args)
+    assert str(none) == str(plain)
+    assert host_puts(none) == 0
+
+
+def test_scan_residual_moves_as_a_whole_at_top_level():
+    loss, args = MODELS["scan"]()
+    jaxpr = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, **ALL)))(*args)
+    # The stacked per-iteration residual of the scan leaves as one array.
+    assert host_puts(jaxpr) >= 1
+
+
+def test_has_aux_and_int_labels():
+    loss, (params, images, labels) = MODELS["cnn"]()
+
+    def with_aux(params, images, labels):
+        value = loss(params, images, labels)
+        return value, {"labels": labels, "value": value}
+
+    expected = jax.jit(jax.value_and_grad(with_aux, has_aux=True))(params, images, labels)
+    got = jax.jit(jax.value_and_grad(hetjax.het_offload(with_aux, **ALL), has_aux=True))(
+        params, images, labels
+    )
+    assert_trees_equal(got, expected)
+
+
+def test_argnums_and_kwargs():
+    loss, (w, v, x) = MODELS["control_flow"]()
+
+    def kw_loss(w, v, *, x, scale=2.0):
+        return scale * loss(w, v, x)
+
+    h = hetjax.het_offload(kw_loss, **ALL)
+    for argnums in (0, 1, (0, 1)):
+        expected = jax.grad(kw_loss, argnums)(w, v, x=x, scale=3.0)
+        assert_trees_equal(jax.grad(h, argnums)(w, v, x=x, scale=3.0), expected)
+
+
+def test_per_example_grads_under_vmap():
+    loss, (params, x) = MODELS["mlp"]()
+    per_example = lambda f: jax.jit(jax.vmap(jax.grad(f), in_axes=(None, 0)))  # noqa: E731
+    expected = per_example(loss)(params, x[:, None])
+    got = per_example(hetjax.het_offload(loss, **ALL))(params, x[:, None])
+    assert_trees_equal(got, expected)
+
+
+def test_vmap_outside_and_inside():
+    loss, (w, x) = MODELS["stacked_mlp"]()
+    xs = jnp.stack([x, 2 * x])
+    h = hetjax.het_offload(loss, **ALL)
+    expected = jax.grad(lambda w: jnp.sum(jax.vmap(loss, (None, 0))(w, xs)))(w)
+    got = jax.grad(lambda w: jnp.sum(jax.vmap(h, (None, 0))(w, xs)))(w)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_closed_over_tracer_gets_its_gradient():
+    loss, (w, x) = MODELS["stacked_mlp"]()
+
+    def outer(w, x):
+        # The decorated function closes over `w`, a tracer of the outer grad.
+        return hetjax.het_offload(lambda x: loss(w, x), **ALL)(x)
+
+    assert_trees_equal(jax.grad(outer)(w, x), jax.grad(loss)(w, x))
+
+
+def test_second_order_gradient():
+    f = lambda x: jnp.sum(jnp.tanh(x) ** 3)  # noqa: E731
+    x = jnp.linspace(-1, 1, 16)
+    expected = jax.grad(lambda x: jnp.sum(jax.grad(f)(x)))(x)
+    got = jax.grad(lambda x: jnp.sum(jax.grad(hetjax.het_offload(f, **ALL))(x)))(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_no_retrace_on_second_call():
+    traces = 0
+    loss, (w, x) = MODELS["stacked_mlp"]()
+
+    def counted(w, x):
+        nonlocal traces
+        traces += 1
+        return loss(w, x)
+
+    step = jax.jit(jax.grad(hetjax.het_offload(counted, **ALL)))
+    step(w, x)
+    first = traces
+    step(w, x)
+    step(w + 1, x)
+    assert traces == first
+
+
+def test_decorator_forms_keep_signature():
+    @hetjax.het_offload
+    def bare(x, y):
+        """Doc."""
+        return jnp.sum(x * y)
+
+    @hetjax.het_offload(policy="all", min_bytes=0)
+    def called(x, y):
+        return jnp.sum(x * y)
+
+    x = jnp.arange(4.0)
+    assert bare.__doc__ == "Doc." and bare.__name__ == "bare"
+    assert_trees_equal(jax.grad(bare)(x, x), jax.grad(called)(x, x))
+
+
+def test_inputs_and_weight_slices_are_never_offloaded():
+    loss, (w, x) = MODELS["stacked_mlp"]()
+    report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
+    for r in report.residuals:
+        if r.is_input:
+            assert r.decision != "offload", r
+    slices = [r for r in report.residuals if r.primitive == "squeeze"]
+    assert slices and all(r.is_input and r.decision == "recompute" for r in slices)
+    # 1 - y**2 of tanh and the like are recomputed, not moved.
+    assert any(r.primitive == "sub" and r.decision == "recompute" for r in report.residuals)
+    assert any(r.primitive == "tanh" and r.decision == "offload" for r in report.residuals)
+
+
+def test_min_bytes_and_callable_policy():
+    loss, (w, x) = MODELS["stacked_mlp"]()
+    g = jax.grad(loss)(w, x)
+    big = hetjax.het_offload(loss, policy="all", min_bytes=10**9)
+    assert host_puts(jax.make_jaxpr(jax.grad(big))(w, x)) == 0
+    seen = []
+
+    def only_first(r: hetjax.ResidualUsage) -> bool:
+        seen.append(r)
+        return len(seen) == 1
+
+    picky = hetjax.het_offload(loss, policy=only_first, min_bytes=0)
+    assert host_puts(jax.make_jaxpr(jax.grad(picky))(w, x)) == 1
+    assert seen and all(isinstance(r, hetjax.ResidualUsage) for r in seen)
+    assert_trees_equal(jax.grad(picky)(w, x), g)
+
+
+def test_extended_dtype_residual_stays_and_warns_once():
+    @jax.custom_vjp
+    def noisy(x, key):
+        return x * 2.0
+
+    def noisy_fwd(x, key):
+        return x * 2.0, (jax.random.split(key, x.shape[0]),)
+
+    def noisy_bwd(res, ct):
+        (keys,) = res  # a key-typed residual: it cannot live in host memory
+        noise = jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
+        return ct * (2.0 + 0.0 * noise[:, None]), None
+
+    noisy.defvjp(noisy_fwd, noisy_bwd)
+
+    def loss(x, key):
+        return jnp.sum(jnp.tanh(noisy(x, key)) ** 2)
+
+    x, key = jnp.ones((4, 8)), jax.random.key(0)
+    h = hetjax.het_offload(loss, **ALL)
+    with pytest.warns(hetjax.HetjaxWarning, match="key<fry>.*cannot be placed in host") as caught:
+        g = jax.grad(h)(x, key)
+        jax.grad(h)(x, key)  # traced again: no second warning
+    assert len(caught) == 1
+    assert_trees_equal(g, jax.grad(loss)(x, key))
+
+
+def test_non_differentiable_argument_gets_jax_error():
+    loss, (params, images, labels) = MODELS["cnn"]()
+    h = hetjax.het_offload(loss, **ALL)
+    with pytest.raises(TypeError, match="grad requires real- or complex-valued inputs"):
+        jax.grad(h, argnums=2)(params, images, labels)
+
+
+@pytest.mark.parametrize("bad", ["fast", 3, None, ["all"]])
+def test_bad_policy_names_the_value(bad):
+    with pytest.raises(ValueError, match=repr(bad).replace("[", r"\[").replace("]", r"\]")):
+        hetjax.het_offload(lambda x: x, policy=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+def test_bad_min_bytes_names_the_value(bad):
+    with pytest.raises(ValueError, match="min_bytes"):
+        hetjax.het_offload(lambda x: x, min_bytes=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -5, "big"])
+def test_bad_device_budget_names_the_value(bad):
+    with pytest.raises(ValueError, match=f"device_budget.*{bad}"):
+        hetjax.het_offload(lambda x: x, device_budget=bad)
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="callable"):
+        hetjax.het_offload(42)
+
+
+def test_python_scalar_and_string_leaves_pass_through():
+    def loss(x, cfg):
+        assert isinstance(cfg["name"], str) and isinstance(cfg["power"], int)
+        return jnp.sum(x ** cfg["power"])
+
+    x = jnp.arange(3.0)
+    cfg = {"name": "cube", "power": 3}
+    assert_trees_equal(jax.grad(hetjax.het_offload(loss, **ALL))(x, cfg), jax.grad(loss)(x, cfg))
+
+
+def test_nested_het_offload():
+    loss, (w, x) = MODELS["stacked_mlp"]()
+    inner = hetjax.het_offload(loss, **ALL)
+    outer = hetjax.het_offload(lambda w, x: inner(w, x) * 2.0, **ALL)
+    assert_trees_equal(
+        jax.jit(jax.grad(outer))(w, x), jax.jit(jax.grad(lambda w, x: loss(w, x) * 2.0))(w, x)
+    )
+
+
+def test_while_loop_keeps_jax_error():
+    def loss(x):
+        y = lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] * 2.0, c[1] + 1), (x, 0))[0]
+        return jnp.sum(jnp.sin(y))
+
+    x = jnp.linspace(0, 1, 8)
+    # Reverse-mode through while_loop is a JAX error with or without hetjax.
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+        jax.grad(loss)(x)
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+        jax.grad(hetjax.het_offload(loss, **ALL))(x)
