@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ._api import flatten_call, plan_for
+from ._api import usage_and_plan
 from ._cost import DeviceProfile
 from ._plan import Plan, Policy, check_options
-from ._trace import trace_primal
 from ._usage import ResidualUsage
 
 
@@ -71,8 +70,6 @@ def analyze(
         ['#', 'shape', 'dtype', 'MiB']
     """
     check_options(policy, min_bytes, device_budget)
-    flat_fun, dynamic, _ = flatten_call(fun, args, kwargs)
-    primal, consts, _ = trace_primal(flat_fun, dynamic)
     options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
-    _, plan = plan_for(primal, [*consts, *dynamic], options)
+    _, plan = usage_and_plan(fun, args, kwargs, options)
     return Report(plan)
