@@ -139,9 +139,17 @@ def flatten_call(
 def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Plan]:
     """Trace, record and plan: the pure front half of the pipeline."""
     usage = residual_usage(trace_vjp(primal, inputs))
-    return usage, make_plan(
-        usage, options["policy"], **{k: v for k, v in options.items() if k != "policy"}
-    )
+    rest = {k: v for k, v in options.items() if k != "policy"}
+    return usage, make_plan(usage, options["policy"], **rest)
+
+
+def usage_and_plan(
+    fun: Callable[..., Any], args: tuple, kwargs: dict, options: dict
+) -> tuple[Usage, Plan]:
+    """The record and plan `het_offload(fun, **options)` uses for these arguments."""
+    flat_fun, dynamic, _ = flatten_call(fun, args, kwargs)
+    primal, consts, _ = trace_primal(flat_fun, dynamic)
+    return plan_for(primal, [*consts, *dynamic], options)
 
 
 def _offloaded(primal: Jaxpr, options: dict) -> Callable[..., list]:
