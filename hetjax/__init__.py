@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._api import het_offload as het_offload
 from ._cost import DeviceProfile as DeviceProfile
+from ._cost import measure_device as measure_device
 from ._plan import HetjaxWarning as HetjaxWarning
 from ._plan import Plan as Plan
 from ._report import Report as Report

@@ -109,8 +109,9 @@ def het_offload(
 
 
 def is_dynamic(x: Any) -> bool:
-    """Array leaves are traced; other leaves (Python numbers, strings) stay static."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, Tracer))
+    """Array leaves (and `ShapeDtypeStruct`s, for `analyze`) are traced; other leaves
+    (Python numbers, strings) stay static."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, Tracer, jax.ShapeDtypeStruct))
 
 
 def flatten_call(

@@ -107,3 +107,55 @@ def _conv_flops(eqn: JaxprEqn) -> float:
     out_feature_dim = dn.rhs_spec[0] if dn is not None else 0
     per_output = np.prod(rhs.shape, dtype=np.float64) / max(rhs.shape[out_feature_dim], 1)
     return 2.0 * float(out) * float(per_output)
+
+
+def measure_device(num_bytes: int = 256 * 2**20, repeats: int = 5) -> DeviceProfile:
+    """Time in-jit copies of a `num_bytes` array to host and back, and a matmul.
+
+    On CPU, moves between memory kinds lower to nothing, so nothing is timed: the
+    result is the platform default with `memory_kinds_work=False`, and its name says so.
+
+    Example:
+        >>> import hetjax
+        >>> profile = hetjax.measure_device()
+        >>> profile.h2d_bytes_per_s > 0
+        True
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    platform = jax.default_backend()
+    base = DeviceProfile.for_platform(platform)
+    if platform == "cpu":
+        return dataclasses.replace(base, name="cpu: memory kinds do nothing here (not measured)")
+
+    def best_seconds(fn: Any, x: Any) -> float:
+        jax.block_until_ready(fn(x))  # compile and warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    to_host = jax.jit(lambda a: jax.device_put(a, jax.memory.Space.Host))
+    to_device = jax.jit(lambda a: jax.device_put(a, jax.memory.Space.Device))
+    on_host = jax.block_until_ready(to_host(x))
+    d2h = best_seconds(to_host, x)
+    h2d = best_seconds(to_device, on_host)
+    m = jnp.ones((4096, 4096), jnp.bfloat16)
+    matmul = best_seconds(jax.jit(lambda a: a @ a), m)
+    scale = best_seconds(jax.jit(lambda a: a * 2), x)
+    stats = jax.devices()[0].memory_stats() or {}
+    return dataclasses.replace(
+        base,
+        name=f"{jax.devices()[0].device_kind} (measured)",
+        d2h_bytes_per_s=num_bytes / d2h,
+        h2d_bytes_per_s=num_bytes / h2d,
+        matmul_flops_per_s=2 * 4096**3 / matmul,
+        memory_bytes_per_s=2 * num_bytes / scale,
+        device_memory_bytes=int(stats.get("bytes_limit", base.device_memory_bytes)),
+    )

@@ -5,6 +5,13 @@ Positions follow `_usage`: forward equations first, then backward ones. For an
 offloaded residual, `offload_by` is the forward position whose equation waits for
 the copy to host (the forward pin), and `prefetch_at` the backward position at
 which the copy back to device starts (the backward pin).
+
+`policy="auto"` has two modes:
+- with `device_budget=B`: greedily move, at the current predicted peak, the largest
+  residual that is idle there, until the peak is at most B. The order of choices does
+  not depend on B, so a smaller budget never moves fewer bytes.
+- with no budget (no-slowdown): move the residuals, biggest idle bytes first, whose
+  copies the cost model says hide under compute (exposed time under 1% of the step).
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ from typing import Any
 import numpy as np
 
 from ._cost import DeviceProfile, eqn_seconds
+from ._memory import plan_timeline
 from ._usage import ResidualUsage, Usage
 
 Policy = str | Callable[[ResidualUsage], bool]
 POLICIES = ("auto", "all", "none")
+NO_SLOWDOWN_FRACTION = 0.01  # exposed transfer time allowed by "auto" with no budget
 
 
 class HetjaxWarning(UserWarning):
-    """A residual stayed on device because hetjax could not move it."""
+    """hetjax kept something on device, or could not meet a budget."""
 
 
 _warned: set[str] = set()
@@ -44,7 +53,11 @@ def check_options(policy: Any, min_bytes: Any, device_budget: Any) -> None:
             f"het_offload: policy must be one of {POLICIES} or a callable "
             f"(ResidualUsage) -> bool, got {policy!r}"
         )
-    if isinstance(min_bytes, bool) or not isinstance(min_bytes, (int, np.integer)) or min_bytes < 0:
+    if (
+        isinstance(min_bytes, bool)
+        or not isinstance(min_bytes, (int, np.integer))
+        or min_bytes < 0
+    ):
         raise ValueError(f"het_offload: min_bytes must be an int >= 0, got {min_bytes!r}")
     if device_budget is not None and (
         isinstance(device_budget, bool)
@@ -59,12 +72,21 @@ def check_options(policy: Any, min_bytes: Any, device_budget: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Decisions for every residual of one program, and the profile they assume."""
+    """Decisions for every residual of one program, and what they are predicted to do.
+
+    `baseline_memory` and `predicted_memory` hold the device bytes live at positions
+    -1 .. end (index 0 is position -1) without and with the plan.
+    """
 
     residuals: tuple[ResidualUsage, ...]
     profile: DeviceProfile
     policy: str
+    device_budget: float | None
     timeline: tuple[float, ...]  # estimated start time of each position, seconds
+    boundary: int
+    baseline_memory: np.ndarray
+    predicted_memory: np.ndarray
+    exposed_transfer_s: float
 
     @property
     def offloaded(self) -> tuple[ResidualUsage, ...]:
@@ -74,10 +96,26 @@ class Plan:
     def moved_bytes(self) -> int:
         return sum(r.nbytes for r in self.offloaded)
 
+    @property
+    def baseline_peak_bytes(self) -> int:
+        return int(self.baseline_memory.max())
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return int(self.predicted_memory.max())
+
+    @property
+    def feasible(self) -> bool:
+        return self.device_budget is None or self.predicted_peak_bytes <= self.device_budget
+
 
 def program_timeline(usage: Usage, profile: DeviceProfile) -> np.ndarray:
-    """Estimated start time of each position; the last entry is the end of the step."""
-    times = [eqn_seconds(e, profile) for e in usage.eqns]
+    """Estimated start time of each position; the last entry is the end of the step.
+
+    An entry of `usage.eqns` may be a number of seconds instead of an equation
+    (synthetic records in tests).
+    """
+    times = [e if isinstance(e, (int, float)) else eqn_seconds(e, profile) for e in usage.eqns]
     return np.concatenate([[0.0], np.cumsum(times)])
 
 
@@ -92,41 +130,43 @@ def make_plan(
     """Decide, for each residual of `usage`, whether to keep, offload or recompute it."""
     check_options(policy, min_bytes, device_budget)
     profile = profile or DeviceProfile.for_platform("gpu")
-    timeline = program_timeline(usage, profile)
-    num_fwd = usage.boundary
+    clock = program_timeline(usage, profile)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
+    first = {r.index: _first_decision(r, policy, min_bytes) for r in usage.residuals}
+    eligible = [r for r in usage.residuals if first[r.index] == "offload"]
+    base = {k: ("keep" if d == "offload" else d) for k, d in first.items()}
 
-    decided: dict[int, str] = {}
-    for r in usage.residuals:
-        decided[r.index] = _first_decision(r, policy, min_bytes)
-    if policy == "auto":
-        # TODO: the budget-driven planner (device_budget) is issue 4; until then
-        # "auto" is the no-slowdown mode whatever the budget.
-        candidates = [r for r in usage.residuals if decided[r.index] == "offload"]
-        hidden = _hidden_under_compute(candidates, timeline, num_fwd, profile)
-        for r in candidates:
-            if r.index not in hidden:
-                decided[r.index] = "keep"
+    def evaluate(moved: set[int]) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
+        decided = {k: ("offload" if k in moved else d) for k, d in base.items()}
+        records = _with_pins(usage, decided, clock, profile)
+        return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
+
+    if policy == "all":
+        moved = {r.index for r in eligible}
     elif callable(policy):
-        for r in usage.residuals:
-            if decided[r.index] == "offload" and not policy(r):
-                decided[r.index] = "keep"
-
-    first_need = _first_need(usage, decided)
-    offload_by, prefetch_at = _pin_points(usage, decided, first_need, timeline, num_fwd, profile)
-    residuals = tuple(
-        dataclasses.replace(
-            r,
-            decision=decided[r.index],  # type: ignore[arg-type]
-            offload_by=offload_by.get(r.index),
-            prefetch_at=prefetch_at.get(r.index),
+        moved = {r.index for r in eligible if policy(r)}
+    elif device_budget is not None:
+        moved = _meet_budget(eligible, device_budget, evaluate)
+    else:
+        moved = _no_slowdown(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
+    records, predicted, exposed = evaluate(moved)
+    baseline = plan_timeline(usage, [dataclasses.replace(r, decision="keep") for r in records])
+    plan = Plan(
+        records, profile, policy_name, device_budget, tuple(float(t) for t in clock),
+        usage.boundary, baseline, predicted, exposed,
+    )  # fmt: skip
+    if not plan.feasible:
+        short = plan.predicted_peak_bytes - device_budget
+        warn_once(
+            f"hetjax: device_budget={device_budget:,.0f} bytes cannot be met: the predicted "
+            f"peak is {plan.predicted_peak_bytes:,} bytes, {short:,.0f} over, with every "
+            "residual that helps moved to host."
         )
-        for r in usage.residuals
-    )
-    return Plan(residuals, profile, policy_name, tuple(float(t) for t in timeline))
+    return plan
 
 
 def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
+    """"offload" marks an eligible residual; the policy then picks among those."""
     if policy == "none":
         return "keep"
     if r.recomputable:
@@ -143,86 +183,109 @@ def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
     return "offload"
 
 
-def _first_need(usage: Usage, decided: dict[int, str]) -> dict[int, int]:
+Evaluate = Callable[[set[int]], tuple[tuple[ResidualUsage, ...], np.ndarray, float]]
+
+
+def _meet_budget(eligible: list[ResidualUsage], budget: float, evaluate: Evaluate) -> set[int]:
+    """Move, at the predicted peak, the biggest residual idle there, until it fits."""
+    moved: set[int] = set()
+    while True:
+        _, memory, _ = evaluate(moved)
+        if memory.max() <= budget:
+            return moved
+        peak = int(np.argmax(memory)) - 1  # index 0 is position -1
+        idle = [
+            r for r in eligible
+            if r.index not in moved and r.last_forward_use < peak < r.first_backward_use
+        ]  # fmt: skip
+        if not idle:
+            return moved
+        best = max(idle, key=lambda r: (r.nbytes, r.idle_span, -r.index))
+        moved.add(best.index)
+
+
+def _no_slowdown(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> set[int]:
+    """Move what hides under compute: biggest idle bytes first, while exposure is ~0."""
+    moved: set[int] = set()
+    for r in sorted(eligible, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
+        if evaluate(moved | {r.index})[2] <= allowed_s:
+            moved.add(r.index)
+    return moved
+
+
+def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usage: Usage) -> dict:
     """Backward position at which each residual is first needed, recomputes included."""
-    need = {r.index: r.first_backward_use for r in usage.residuals}
-    by_index = {r.index: r for r in usage.residuals}
+    need = {k: r.first_backward_use for k, r in records.items()}
 
     def visit(k: int, at: int) -> None:
         need[k] = min(need[k], at)
-        if decided[k] == "recompute":
-            for a in usage.recipes[k].residual_anchors:
+        recipe = usage.recipes.get(k)
+        if decided[k] == "recompute" and recipe is not None:
+            for a in recipe.residual_anchors:
                 visit(a, at)
 
     for k, d in decided.items():
         if d == "recompute":
-            visit(k, by_index[k].first_backward_use)
+            visit(k, records[k].first_backward_use)
     return need
 
 
-def _hidden_under_compute(
-    candidates: list[ResidualUsage],
-    timeline: np.ndarray,
-    num_fwd: int,
-    profile: DeviceProfile,
-) -> set[int]:
-    """Residuals whose copies both ways fit in the link's idle time (no slowdown)."""
-    forward_ok: list[ResidualUsage] = []
-    link_free = 0.0
-    for r in sorted(candidates, key=lambda r: (r.produced_at, r.index)):
-        start = max(timeline[r.produced_at + 1], link_free)
-        end = start + profile.d2h_seconds(r.nbytes)
-        if end <= timeline[num_fwd]:
-            forward_ok.append(r)
-            link_free = end
-    hidden: set[int] = set()
-    link_busy_from = np.inf
-    for r in sorted(forward_ok, key=lambda r: (-r.first_backward_use, r.index)):
-        finish = min(timeline[r.first_backward_use], link_busy_from)
-        start = finish - profile.h2d_seconds(r.nbytes)
-        if start >= timeline[num_fwd]:
-            hidden.add(r.index)
-            link_busy_from = start
-    return hidden
-
-
-def _pin_points(
-    usage: Usage,
-    decided: dict[int, str],
-    first_need: dict[int, int],
-    timeline: np.ndarray,
-    num_fwd: int,
-    profile: DeviceProfile,
-) -> tuple[dict[int, int], dict[int, int]]:
-    """Forward and backward pin positions.
+def _with_pins(
+    usage: Usage, decided: dict[int, str], clock: np.ndarray, profile: DeviceProfile
+) -> tuple[ResidualUsage, ...]:
+    """Records with decisions and the forward and backward pin positions.
 
     A queue model of each link direction gives when each copy can finish (forward)
     or must start (backward). A window then bounds memory when the link is the
-    bottleneck: a copy to host must finish before the next offloaded residual is
+    bottleneck: a copy to host must finish before the next moved residual is
     produced, and a copy back must not start before the previously needed one is
-    consumed. So at most about two moved residuals are on device at a time.
+    consumed. So at most about two moved residuals are in flight at a time.
     """
+    by_index = {r.index: r for r in usage.residuals}
+    need = _first_need(by_index, decided, usage)
     moved = [r for r in usage.residuals if decided[r.index] == "offload"]
-    offload_by: dict[int, int] = {}
+    end_fwd = usage.boundary
+    pins: dict[int, dict[str, int]] = {r.index: {} for r in moved}
+
     link_free = 0.0
     by_production = sorted(moved, key=lambda r: (r.produced_at, r.index))
+    productions = sorted({r.produced_at for r in moved})
     for r in by_production:
-        start = max(timeline[r.produced_at + 1], link_free)
-        link_free = start + profile.d2h_seconds(r.nbytes)
-        pos = int(np.searchsorted(timeline, link_free, side="left"))
-        later = [m.produced_at for m in by_production if m.produced_at > r.produced_at]
-        window_end = later[0] + 1 if later else num_fwd
-        pos = min(pos, window_end)
-        offload_by[r.index] = int(np.clip(pos, r.last_forward_use + 1, num_fwd))
-    prefetch_at: dict[int, int] = {}
+        link_free = max(clock[r.produced_at + 1], link_free) + profile.d2h_seconds(r.nbytes)
+        pos = int(np.searchsorted(clock, link_free, side="left"))
+        later = [p for p in productions if p > r.produced_at]
+        pos = min(pos, later[0] + 1 if later else end_fwd)
+        pins[r.index]["offload_by"] = int(np.clip(pos, r.last_forward_use + 1, end_fwd))
+
     link_busy_from = np.inf
-    needs = sorted({first_need[r.index] for r in moved})
-    for r in sorted(moved, key=lambda r: (-first_need[r.index], r.index)):
-        need = first_need[r.index]
-        finish = min(timeline[need], link_busy_from)
-        link_busy_from = finish - profile.h2d_seconds(r.nbytes)
-        pos = int(np.searchsorted(timeline, link_busy_from, side="right")) - 1
-        earlier = [n for n in needs if n < need]
-        window_start = earlier[-1] if earlier else num_fwd
-        prefetch_at[r.index] = int(np.clip(max(pos, window_start), num_fwd, need))
-    return offload_by, prefetch_at
+    needs = sorted({need[r.index] for r in moved})
+    for r in sorted(moved, key=lambda r: (-need[r.index], r.index)):
+        at = need[r.index]
+        link_busy_from = min(clock[at], link_busy_from) - profile.h2d_seconds(r.nbytes)
+        pos = int(np.searchsorted(clock, link_busy_from, side="right")) - 1
+        earlier = [n for n in needs if n < at]
+        pos = max(pos, earlier[-1] if earlier else end_fwd)
+        pins[r.index]["prefetch_at"] = int(np.clip(pos, end_fwd, at))
+
+    return tuple(
+        dataclasses.replace(r, decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
+        for r in usage.residuals
+    )
+
+
+def _exposed_seconds(
+    records: tuple[ResidualUsage, ...], clock: np.ndarray, profile: DeviceProfile
+) -> float:
+    """Time the copies add to the step: stalls where a pinned equation waits on the link."""
+    moved = [r for r in records if r.decision == "offload"]
+    delay = 0.0
+    link_free = 0.0
+    for r in sorted(moved, key=lambda r: (r.produced_at, r.index)):
+        start = max(clock[r.produced_at + 1] + delay, link_free)
+        link_free = start + profile.d2h_seconds(r.nbytes)
+        delay += max(0.0, link_free - (clock[r.offload_by] + delay))
+    for r in sorted(moved, key=lambda r: (r.prefetch_at, r.first_backward_use, r.index)):
+        start = max(clock[r.prefetch_at] + delay, link_free)
+        link_free = start + profile.h2d_seconds(r.nbytes)
+        delay += max(0.0, link_free - (clock[r.first_backward_use] + delay))
+    return delay

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from ._api import usage_and_plan
 from ._cost import DeviceProfile
 from ._plan import Plan, Policy, check_options
@@ -24,6 +26,56 @@ class Report:
     @property
     def moved_bytes(self) -> int:
         return self.plan.moved_bytes
+
+    @property
+    def baseline_peak_bytes(self) -> int:
+        """Predicted peak device bytes with every residual kept on device."""
+        return self.plan.baseline_peak_bytes
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Predicted peak device bytes under the plan."""
+        return self.plan.predicted_peak_bytes
+
+    @property
+    def exposed_transfer_ms(self) -> float:
+        """Predicted time the copies add to the step (not hidden under compute)."""
+        return self.plan.exposed_transfer_s * 1e3
+
+    @property
+    def feasible(self) -> bool:
+        """Whether the predicted peak meets `device_budget` (True without a budget)."""
+        return self.plan.feasible
+
+    def plot(self, ax: Any = None) -> Any:
+        """A matplotlib `Figure`: device memory over program order, before and after,
+        with each move drawn (to host at its producer, back at its prefetch point)."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 4)) if ax is None else (ax.figure, ax)
+        positions = np.arange(-1, len(self.plan.baseline_memory) - 1)
+        gib = 2.0**30
+        ax.step(positions, self.plan.baseline_memory / gib, where="post", label="no plan")
+        ax.step(positions, self.plan.predicted_memory / gib, where="post", label="with plan")
+        ax.axvline(self.plan.boundary - 0.5, color="gray", ls=":", label="forward | backward")
+        if self.plan.device_budget is not None:
+            ax.axhline(self.plan.device_budget / gib, color="red", ls="--", label="budget")
+        top = float(self.plan.baseline_memory.max()) / gib
+        for i, r in enumerate(self.plan.offloaded):
+            y = top * (1.02 + 0.02 * (i % 5))
+            ax.plot([r.produced_at, r.offload_by], [y, y], color="tab:green", lw=2,
+                    label="copy to host" if i == 0 else None)  # fmt: skip
+            ax.plot([r.prefetch_at, r.first_backward_use], [y, y], color="tab:purple", lw=2,
+                    label="copy to device" if i == 0 else None)  # fmt: skip
+        ax.set_xlabel("program position (forward, then backward equations)")
+        ax.set_ylabel("device memory (GiB, predicted)")
+        ax.set_title(
+            f"policy={self.plan.policy}: peak {self.baseline_peak_bytes / gib:.2f} -> "
+            f"{self.predicted_peak_bytes / gib:.2f} GiB, {self.moved_bytes / gib:.2f} GiB "
+            f"moved, ~{self.exposed_transfer_ms:.1f} ms exposed"
+        )
+        ax.legend(loc="best", fontsize="small")
+        return fig
 
     def table(self) -> str:
         """One row per residual, with the user's source line."""
@@ -46,6 +98,9 @@ class Report:
         total = sum(r.nbytes for r in self.residuals)
         lines.append(f"moved to host: {self.moved_bytes / 2**20:.2f} MiB "
                      f"of {total / 2**20:.2f} MiB of residuals")  # fmt: skip
+        lines.append(f"predicted peak: {self.baseline_peak_bytes / 2**20:.2f} MiB -> "
+                     f"{self.predicted_peak_bytes / 2**20:.2f} MiB; exposed transfer "
+                     f"~{self.exposed_transfer_ms:.2f} ms; feasible: {self.feasible}")  # fmt: skip
         return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ class ResidualUsage:
     produced_at: int
     last_forward_use: int
     first_backward_use: int
+    last_backward_use: int
     is_input: bool
     recomputable: bool
     offloadable: bool
@@ -90,6 +91,9 @@ class Usage:
     recipes: dict[int, Recipe]
     eqns: tuple[Any, ...]  # every top-level equation, in program order
     boundary: int  # positions < boundary are forward, the rest backward
+    # Device buffers other than residuals, as (nbytes, first, last) positions:
+    # arguments, intermediates, gradients. Residuals' intervals follow their plan.
+    buffers: tuple[tuple[int, int, int], ...] = ()
 
 
 def residual_usage(program: VjpProgram) -> Usage:
@@ -99,22 +103,22 @@ def residual_usage(program: VjpProgram) -> Usage:
     num_bwd = len(bwd.eqns)
     res_vars = program.residual_vars
 
-    producer: dict[Var, int] = {}
-    last_use: dict[Var, int] = {}
-    for i, eqn in enumerate(fwd.eqns):
-        for v in eqn.invars:
-            if isinstance(v, Var):
-                last_use[v] = i
-        for v in eqn.outvars:
-            producer[v] = i
+    producer, last_use = def_use(fwd.eqns)
     input_index = {v: i for i, v in enumerate(fwd.invars)}
 
     bwd_res_invars = bwd.invars[: program.num_residuals]
     first_use: dict[Var, int] = {}
+    last_bwd_use: dict[Var, int] = {}
     for j, eqn in enumerate(bwd.eqns):
         for v in eqn.invars:
-            if isinstance(v, Var) and v not in first_use:
-                first_use[v] = num_fwd + j
+            if isinstance(v, Var):
+                first_use.setdefault(v, num_fwd + j)
+                last_bwd_use[v] = num_fwd + j
+    end = num_fwd + num_bwd
+    for v in bwd.outvars:
+        if isinstance(v, Var):
+            first_use.setdefault(v, end)
+            last_bwd_use[v] = end
 
     # The first residual index for each var; a repeated var shares its record.
     residual_of: dict[Var, int] = {}
@@ -130,33 +134,101 @@ def residual_usage(program: VjpProgram) -> Usage:
             records.append(_constant_record(k, aval, num_fwd + num_bwd))
             continue
         p = producer.get(v, -1)
-        eqn = fwd.eqns[p] if p >= 0 else None
-        recipe = None if eqn is None else _recipe(fwd, v, producer, input_index, residual_of)
+        recipe = None if p < 0 else _recipe(fwd, v, producer, input_index, residual_of)
         if recipe is not None:
             recipes[k] = recipe
         records.append(
-            ResidualUsage(
-                index=k,
-                shape=tuple(aval.shape),
-                dtype=str(aval.dtype),
-                nbytes=nbytes(aval),
-                primitive="argument" if eqn is None else str(eqn.primitive),
-                source="argument" if eqn is None else source_line(eqn),
-                produced_at=p,
+            residual_record(
+                k, v, fwd, producer,
                 last_forward_use=max(p, last_use.get(v, p)),
-                first_backward_use=first_use.get(bwd_res_invars[k], num_fwd + num_bwd),
-                is_input=v in input_index or _aliases_input(fwd, v, producer, input_index),
-                recomputable=recipe is not None,
-                offloadable=not is_extended(aval.dtype) and not on_host(aval),
-                memory="host" if on_host(aval) else "device",
+                first_backward_use=first_use.get(bwd_res_invars[k], end),
+                last_backward_use=last_bwd_use.get(bwd_res_invars[k], end),
+                input_index=input_index,
+                recipe=recipe,
             )
-        )
+        )  # fmt: skip
     return Usage(
         program=program,
         residuals=tuple(records),
         recipes=recipes,
         eqns=(*fwd.eqns, *bwd.eqns),
         boundary=num_fwd,
+        buffers=_vjp_buffers(program, set(res_vars)),
+    )
+
+
+def _vjp_buffers(program: VjpProgram, residual_vars: set) -> tuple[tuple[int, int, int], ...]:
+    """Device intervals of every value of a `VjpProgram` that is not a residual."""
+    fwd, bwd = program.forward.jaxpr, program.backward.jaxpr
+    num_fwd = len(fwd.eqns)
+    end = num_fwd + len(bwd.eqns)
+    out: list[tuple[int, int, int]] = [(nbytes(v.aval), -1, end) for v in fwd.invars]
+    for jaxpr, offset, skip in (
+        (fwd, 0, residual_vars | set(fwd.invars)),
+        (bwd, num_fwd, set(bwd.invars[: program.num_residuals])),
+    ):
+        born: dict[Var, int] = {v: offset - 1 for v in jaxpr.invars if v not in skip}
+        last: dict[Var, int] = {}
+        for i, eqn in enumerate(jaxpr.eqns):
+            for v in eqn.invars:
+                if isinstance(v, Var):
+                    last[v] = offset + i
+            for v in eqn.outvars:
+                born[v] = offset + i
+        outputs = jaxpr.outvars if jaxpr is bwd else jaxpr.outvars[: program.num_outputs]
+        for v in outputs:
+            if isinstance(v, Var):
+                last[v] = end if jaxpr is bwd else num_fwd
+        for v, b in born.items():
+            if v not in skip:
+                out.append((nbytes(v.aval), b, last.get(v, b)))
+    return tuple(out)
+
+
+def def_use(eqns: Any) -> tuple[dict[Var, int], dict[Var, int]]:
+    """Producer position and last use position of each variable of `eqns`."""
+    producer: dict[Var, int] = {}
+    last_use: dict[Var, int] = {}
+    for i, eqn in enumerate(eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var):
+                last_use[v] = i
+        for v in eqn.outvars:
+            producer[v] = i
+    return producer, last_use
+
+
+def residual_record(
+    k: int,
+    v: Var,
+    jaxpr: Any,
+    producer: dict[Var, int],
+    *,
+    last_forward_use: int,
+    first_backward_use: int,
+    last_backward_use: int,
+    input_index: dict[Var, int],
+    recipe: Recipe | None = None,
+) -> ResidualUsage:
+    """The record of residual `k`, the variable `v` of `jaxpr` (forward or whole step)."""
+    aval = v.aval
+    p = producer.get(v, -1)
+    eqn = jaxpr.eqns[p] if p >= 0 else None
+    return ResidualUsage(
+        index=k,
+        shape=tuple(aval.shape),
+        dtype=str(aval.dtype),
+        nbytes=nbytes(aval),
+        primitive="argument" if eqn is None else str(eqn.primitive),
+        source="argument" if eqn is None else source_line(eqn),
+        produced_at=p,
+        last_forward_use=last_forward_use,
+        first_backward_use=first_backward_use,
+        last_backward_use=last_backward_use,
+        is_input=v in input_index or _aliases_input(jaxpr, v, producer, input_index),
+        recomputable=recipe is not None,
+        offloadable=not is_extended(aval.dtype) and not on_host(aval),
+        memory="host" if on_host(aval) else "device",
     )
 
 
@@ -164,7 +236,8 @@ def _constant_record(k: int, aval: Any, end: int) -> ResidualUsage:
     return ResidualUsage(
         index=k, shape=tuple(aval.shape), dtype=str(aval.dtype), nbytes=nbytes(aval),
         primitive="literal", source="constant", produced_at=-1, last_forward_use=-1,
-        first_backward_use=end, is_input=True, recomputable=False, offloadable=False,
+        first_backward_use=end, last_backward_use=end, is_input=True, recomputable=False,
+        offloadable=False,
     )  # fmt: skip
 
 

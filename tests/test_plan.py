@@ -1,0 +1,203 @@
+"""The planner and the memory simulator, on synthetic records and small programs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import pytest
+from models import MODELS
+
+import hetjax
+from hetjax._memory import memory_timeline, plan_timeline
+from hetjax._plan import make_plan
+from hetjax._usage import ResidualUsage, Usage
+
+matplotlib.use("Agg")
+MB = 10**6
+N = 40  # positions: 20 forward, 20 backward, 1 ms each
+F = 20
+
+
+def record(i: int, nbytes: int = 100 * MB, **kw) -> ResidualUsage:
+    """Layer i's activation: made at i, used at i+1, needed again at N-1-i."""
+    fields = dict(
+        index=i, shape=(nbytes // 4,), dtype="float32", nbytes=nbytes, primitive="tanh",
+        source="synthetic", produced_at=i, last_forward_use=i + 1,
+        first_backward_use=N - 1 - i, last_backward_use=N - 1 - i, is_input=False,
+        recomputable=False, offloadable=True,
+    )  # fmt: skip
+    fields.update(kw)
+    return ResidualUsage(**fields)
+
+
+def synthetic(records: list[ResidualUsage], args: int = 50 * MB) -> Usage:
+    return Usage(
+        program=None, residuals=tuple(records), recipes={}, eqns=(1e-3,) * N, boundary=F,
+        buffers=((args, -1, N),),
+    )  # fmt: skip
+
+
+def layers(n: int = 10) -> Usage:
+    return synthetic([record(i) for i in range(n)])
+
+
+def test_memory_timeline_by_hand():
+    # Arguments 50 live throughout; a residual of 100 from 2 to 5; another of 30 at 4.
+    mem = memory_timeline(8, [(50, -1, 8), (100, 2, 5), (30, 4, 4)])
+    assert mem.tolist() == [50, 50, 50, 150, 150, 180, 150, 50, 50, 50]
+
+
+def test_plan_timeline_follows_decisions():
+    usage = synthetic([record(0)], args=0)
+    keep = plan_timeline(usage, [record(0, decision="keep")])
+    assert keep.max() == 100 * MB and keep[1 + 0] == 100 * MB and keep[1 + N - 1] == 100 * MB
+    moved = record(0, decision="offload", offload_by=3, prefetch_at=35)
+    mem = plan_timeline(usage, [moved])
+    on_device = [p for p in range(-1, N + 1) if mem[p + 1] > 0]
+    assert on_device == [0, 1, 2, 3, 35, 36, 37, 38, 39]
+    again = record(0, decision="recompute")
+    assert plan_timeline(usage, [again])[1 + 10] == 0
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.7, 0.5])
+def test_budget_is_met_when_feasible(fraction):
+    usage = layers()
+    baseline = make_plan(usage, "none").baseline_peak_bytes
+    plan = make_plan(usage, "auto", device_budget=fraction * baseline, min_bytes=0)
+    assert plan.feasible
+    assert plan.predicted_peak_bytes <= fraction * baseline
+    assert plan.baseline_peak_bytes == baseline
+
+
+def test_smaller_budget_never_moves_fewer_bytes():
+    usage = layers()
+    baseline = make_plan(usage, "none").baseline_peak_bytes
+    moved, previous = [], set()
+    for fraction in np.linspace(1.0, 0.2, 9):
+        with pytest.warns(hetjax.HetjaxWarning) if fraction < 0.3 else _no_warning():
+            plan = make_plan(usage, "auto", device_budget=fraction * baseline, min_bytes=0)
+        now = {r.index for r in plan.offloaded}
+        assert previous <= now
+        previous = now
+        moved.append(plan.moved_bytes)
+    assert moved == sorted(moved) and moved[-1] > moved[0]
+
+
+def test_infeasible_budget_says_so_once():
+    usage = layers()
+    with pytest.warns(hetjax.HetjaxWarning, match="cannot be met") as caught:
+        plan = make_plan(usage, "auto", device_budget=60 * MB, min_bytes=0)
+        make_plan(usage, "auto", device_budget=60 * MB, min_bytes=0)
+    assert len(caught) == 1
+    assert not plan.feasible and plan.moved_bytes > 0
+    assert plan.predicted_peak_bytes < plan.baseline_peak_bytes
+
+
+@pytest.mark.parametrize("budget", [None, 1.0])
+@pytest.mark.parametrize("policy", ["all", "auto"])
+def test_inputs_are_never_moved(policy, budget):
+    records = [record(i, is_input=(i % 2 == 0)) for i in range(10)]
+    with pytest.warns(hetjax.HetjaxWarning) if budget else _no_warning():
+        plan = make_plan(synthetic(records), policy, device_budget=budget, min_bytes=0)
+    assert all(r.decision != "offload" for r in plan.residuals if r.is_input)
+    assert any(r.decision == "offload" for r in plan.residuals)
+
+
+def test_cheap_residuals_are_recomputed_not_moved():
+    records = [record(i, recomputable=(i < 3)) for i in range(6)]
+    plan = make_plan(synthetic(records), "all", min_bytes=0)
+    assert [r.decision for r in plan.residuals] == ["recompute"] * 3 + ["offload"] * 3
+
+
+def test_plan_is_deterministic():
+    usage = layers()
+    a = make_plan(usage, "auto", device_budget=600 * MB, min_bytes=0)
+    b = make_plan(usage, "auto", device_budget=600 * MB, min_bytes=0)
+    assert a.residuals == b.residuals
+    np.testing.assert_array_equal(a.predicted_memory, b.predicted_memory)
+
+
+def test_no_budget_mode_moves_only_what_hides():
+    usage = layers()
+    plan = make_plan(usage, "auto", min_bytes=0)
+    assert plan.exposed_transfer_s <= 0.01 * plan.timeline[-1]
+    everything = make_plan(usage, "all", min_bytes=0)
+    assert everything.exposed_transfer_s > plan.exposed_transfer_s
+
+
+def test_pins_lie_between_use_points():
+    plan = make_plan(layers(), "all", min_bytes=0)
+    for r in plan.offloaded:
+        assert r.last_forward_use < r.offload_by <= F
+        assert F <= r.prefetch_at <= r.first_backward_use
+
+
+def _positions_ok(report: hetjax.Report) -> None:
+    assert report.residuals
+    for r in report.residuals:
+        assert r.produced_at <= r.last_forward_use <= r.first_backward_use, r
+        assert r.first_backward_use <= r.last_backward_use, r
+        if r.decision == "offload":
+            assert r.prefetch_at <= r.first_backward_use, r
+            assert r.produced_at < r.offload_by <= r.prefetch_at, r
+
+
+@pytest.mark.parametrize("model", ["stacked_mlp", "scan", "attention"])
+def test_analyze_positions_are_consistent(model):
+    loss, args = MODELS[model]()
+    report = hetjax.analyze(loss, *args, policy="all", min_bytes=0)
+    _positions_ok(report)
+    assert report.moved_bytes > 0
+    assert report.predicted_peak_bytes <= report.baseline_peak_bytes
+
+
+def test_analyze_accepts_shapes_and_het_offload_uses_the_same_plan():
+    loss, _ = MODELS["stacked_mlp"]()
+    # Shapes only: analyze and make_jaxpr need no arrays.
+    shapes = [
+        jax.ShapeDtypeStruct((8, 256, 256), "float32"),
+        jax.ShapeDtypeStruct((1024, 256), "float32"),
+    ]
+    budget = 0.55 * hetjax.analyze(loss, *shapes, policy="none").baseline_peak_bytes
+    report = hetjax.analyze(loss, *shapes, policy="auto", device_budget=budget, min_bytes=0)
+    assert report.feasible and report.moved_bytes > 0
+    decorated = hetjax.het_offload(loss, policy="auto", device_budget=budget, min_bytes=0)
+    jaxpr = str(jax.make_jaxpr(jax.grad(decorated))(*shapes))
+    assert jaxpr.count("devices=(MemorySpace.Host,)") == len(report.plan.offloaded)
+
+
+def test_table_and_plot_headless():
+    loss, args = MODELS["stacked_mlp"]()
+    report = hetjax.analyze(loss, *args, policy="all", min_bytes=0)
+    table = report.table()
+    assert "offload" in table and "test_plan" not in table  # source lines are the model's
+    assert "models.py" in table and "predicted peak" in table
+    fig = report.plot()
+    assert isinstance(fig, matplotlib.figure.Figure) and fig.axes[0].lines
+    matplotlib.pyplot.close(fig)
+
+
+def test_measure_device_on_cpu_says_kinds_do_nothing():
+    profile = hetjax.measure_device()
+    assert isinstance(profile, hetjax.DeviceProfile)
+    if jax.default_backend() == "cpu":
+        assert not profile.memory_kinds_work and "cpu" in profile.name
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_replace_keeps_frozen_records():
+    r = record(0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.decision = "offload"  # type: ignore[misc]
+    assert jnp.asarray(r.nbytes) == 100 * MB
