@@ -113,17 +113,47 @@ def hetjax_with(policy: str) -> Callable[[Model], Candidates]:
     return build
 
 
+def hetjax_budget(fraction: float) -> Callable[[Model], Candidates]:
+    """`policy="auto"` with a device budget of `fraction` x the planner's plain peak.
+
+    The reference is hetjax's own prediction for the undecorated step (the measured
+    plain peak lives in another process), so the budget is known before compiling.
+    """
+
+    def build(model: Model) -> Candidates:
+        min_bytes = TINY_MIN_BYTES if model.preset == "tiny" else DEFAULT_MIN_BYTES
+        params, batch = jax.eval_shape(model.init)
+        plain_peak = hetjax.analyze(model.loss, params, batch, policy="none").baseline_peak_bytes
+        budget = fraction * plain_peak
+        loss = hetjax.het_offload(
+            model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes
+        )
+        return {f"het_offload(policy='auto', device_budget={budget:.0f} B)": loss}
+
+    return build
+
+
 VARIANTS: dict[str, Callable[[Model], Candidates]] = {
     "plain": plain,
     "jax_remat": jax_remat,
     "jax_offload": jax_offload,
     "hetjax_all": hetjax_with("all"),
     "hetjax_auto": hetjax_with("auto"),
+    "hetjax_auto@0.8": hetjax_budget(0.8),
+    "hetjax_auto@0.6": hetjax_budget(0.6),
     # Not in the default list: each remat policy on its own.
     "jax_remat_nothing": remat_with("nothing_saveable"),
     "jax_remat_dots": remat_with("dots_saveable"),
 }
-DEFAULT_VARIANTS = ("plain", "jax_remat", "jax_offload", "hetjax_all", "hetjax_auto")
+DEFAULT_VARIANTS = (
+    "plain",
+    "jax_remat",
+    "jax_offload",
+    "hetjax_all",
+    "hetjax_auto",
+    "hetjax_auto@0.8",
+    "hetjax_auto@0.6",
+)
 RESULT_KEYS = (
     "name",
     "temp_bytes",
