@@ -12,8 +12,10 @@ from jax.tree_util import tree_flatten, tree_unflatten
 
 from ._compat import Jaxpr, Tracer, eval_jaxpr
 from ._cost import DeviceProfile
+from ._graph import GraphArgs, is_graph_object
 from ._plan import Plan, Policy, check_options, make_plan
 from ._rewrite import run_backward, run_forward
+from ._step import holds_backward, run_step, step_program, step_usage
 from ._trace import trace_primal, trace_vjp
 from ._usage import Usage, residual_usage
 
@@ -100,10 +102,16 @@ def het_offload(
 
     @functools.wraps(fun)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flat_fun, dynamic, out_tree = flatten_call(fun, args, kwargs)
+        flat_fun, dynamic, out_tree, graph = flatten_call(fun, args, kwargs)
         primal, consts, _ = trace_primal(flat_fun, dynamic)
-        outs = _offloaded(primal, options)(*consts, *dynamic)
-        return tree_unflatten(out_tree[0], outs)
+        inputs = [*consts, *dynamic]
+        if holds_backward(primal):  # a train step: one program, no custom_vjp
+            outs = run_step(*plan_for(primal, inputs, options), inputs)
+        else:
+            outs = _offloaded(primal, options)(*inputs)
+        num_outs = len(outs) - graph.num_state
+        graph.write_back(outs[num_outs:])
+        return tree_unflatten(out_tree[0], outs[:num_outs])
 
     return wrapper
 
@@ -116,12 +124,16 @@ def is_dynamic(x: Any) -> bool:
 
 def flatten_call(
     fun: Callable[..., Any], args: tuple, kwargs: dict
-) -> tuple[Callable[..., list], list[Any], list[Any]]:
+) -> tuple[Callable[..., list], list[Any], list[Any], GraphArgs]:
     """`fun(*args, **kwargs)` as a function of its array leaves, returning a flat list.
 
-    The output tree is written to the returned one-element list when traced.
+    The output tree is written to the returned one-element list when traced. Graph
+    objects (flax nnx) enter as their state leaves; the flat list ends with their
+    state after the call, for `GraphArgs.write_back`.
     """
-    leaves, in_tree = tree_flatten((args, kwargs))
+    leaves, in_tree = tree_flatten((args, kwargs), is_leaf=is_graph_object)
+    graph = GraphArgs(leaves)
+    leaves = graph.lift(leaves)
     mask = [is_dynamic(x) for x in leaves]
     dynamic = [x for x, m in zip(leaves, mask, strict=True) if m]
     out_tree: list[Any] = []
@@ -129,17 +141,22 @@ def flatten_call(
     def flat_fun(*dyn: Any) -> list[Any]:
         it = iter(dyn)
         merged = [next(it) if m else x for x, m in zip(leaves, mask, strict=True)]
+        merged, objects = graph.lower(merged)
         a, k = tree_unflatten(in_tree, merged)
         out_leaves, tree = tree_flatten(fun(*a, **k))
         out_tree[:] = [tree]
-        return out_leaves
+        return out_leaves + graph.state_after(objects)
 
-    return flat_fun, dynamic, out_tree
+    return flat_fun, dynamic, out_tree, graph
 
 
 def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Plan]:
-    """Trace, record and plan: the pure front half of the pipeline."""
-    usage = residual_usage(trace_vjp(primal, inputs))
+    """Trace, record and plan: the pure front half of the pipeline, in the step form
+    when `primal` takes a gradient itself, else in the loss form."""
+    if holds_backward(primal):
+        usage = step_usage(step_program(primal, inputs))
+    else:
+        usage = residual_usage(trace_vjp(primal, inputs))
     rest = {k: v for k, v in options.items() if k != "policy"}
     return usage, make_plan(usage, options["policy"], **rest)
 
@@ -148,7 +165,7 @@ def usage_and_plan(
     fun: Callable[..., Any], args: tuple, kwargs: dict, options: dict
 ) -> tuple[Usage, Plan]:
     """The record and plan `het_offload(fun, **options)` uses for these arguments."""
-    flat_fun, dynamic, _ = flatten_call(fun, args, kwargs)
+    flat_fun, dynamic, *_ = flatten_call(fun, args, kwargs)
     primal, consts, _ = trace_primal(flat_fun, dynamic)
     return plan_for(primal, [*consts, *dynamic], options)
 

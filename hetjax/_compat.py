@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import core, dtypes, source_info_util
+from jax._src import core, dtypes, sharding_impls, source_info_util
 from jax._src.interpreters import partial_eval as pe
 
 ClosedJaxpr = core.ClosedJaxpr
@@ -53,6 +53,28 @@ def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     ):
         out = eqn.primitive.bind(*args, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def inlinable_call(eqn: JaxprEqn) -> bool:
+    """A nested `jit` whose inlining changes nothing: no shardings, layouts or
+    compiler options of its own (primitive `pjit` before jax 0.7, `jit` since)."""
+    if eqn.primitive.name not in ("pjit", "jit") or "jaxpr" not in eqn.params:
+        return False
+    p = eqn.params
+    shardings = (*p.get("in_shardings", ()), *p.get("out_shardings", ()))
+    layouts = (*p.get("in_layouts", ()), *p.get("out_layouts", ()))
+    return (
+        all(isinstance(s, sharding_impls.UnspecifiedValue) for s in shardings)
+        and all(x is None for x in layouts)
+        and not p.get("compiler_options_kvs")
+    )
+
+
+def inner_name_stack(eqn: JaxprEqn) -> Any:
+    """A context in which equations bound from `eqn`'s sub-jaxpr keep `eqn`'s name
+    stack as a prefix (so "transpose(" marks survive inlining)."""
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
 def source_line(eqn: JaxprEqn) -> str:

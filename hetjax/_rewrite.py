@@ -46,7 +46,7 @@ class StoredLayout:
         return cls(stored, tuple(inputs))
 
 
-def _read(env: dict, v: Any) -> Any:
+def read_atom(env: dict, v: Any) -> Any:
     return v.val if isinstance(v, Literal) else env[v]
 
 
@@ -60,6 +60,54 @@ def _tie(values: list[Any], anchor: Any) -> tuple[list[Any], Any]:
     return list(tied), anchor
 
 
+class PinQueue:
+    """Host copies waiting for the equation that pins them (see module docstring).
+
+    Copies scheduled at position `i` are tied, in one `optimization_barrier`, to an
+    input of the first live equation at or after `i` that has a usable input.
+    """
+
+    def __init__(self) -> None:
+        self.at: dict[int, list[Var]] = {}
+        self.waiting: list[Var] = []
+
+    def schedule(self, position: int, v: Var) -> None:
+        self.at.setdefault(position, []).append(v)
+
+    def pin_at(
+        self, i: int, eqn: Any, env: dict, host: dict, avoid: Any = (), fallback: Any = None
+    ) -> list[Var]:
+        """Tie the copies due by `i` to an input of `eqn` (None: not evaluated, carry
+        on); tie to `fallback` when `eqn` itself reads one of them. Returns those tied."""
+        self.waiting.extend(self.at.pop(i, ()))
+        if not self.waiting or eqn is None:
+            return []
+        usable = [v for v in eqn.invars if isinstance(v, Var) and v in env and v not in avoid]
+        if not usable and fallback in env and any(v in self.waiting for v in eqn.invars):
+            usable = [fallback]
+        if not usable:
+            return []
+        tied, env[usable[0]] = _tie([host[v] for v in self.waiting], env[usable[0]])
+        host.update(zip(self.waiting, tied, strict=True))
+        done, self.waiting = self.waiting, []
+        return done
+
+    def pin_to_outputs(self, outputs: list[Any], host: dict) -> list[Any]:
+        """Tie copies still waiting at the end to the program's array outputs."""
+        if not self.waiting:
+            return outputs
+        outputs = list(outputs)
+        arrays = [j for j, o in enumerate(outputs) if hasattr(o, "shape")]
+        *tied, rest = lax.optimization_barrier(
+            (*[host[v] for v in self.waiting], [outputs[j] for j in arrays])
+        )
+        host.update(zip(self.waiting, tied, strict=True))
+        for j, o in zip(arrays, rest, strict=True):
+            outputs[j] = o
+        self.waiting = []
+        return outputs
+
+
 def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, list]:
     """Evaluate the forward jaxpr: returns `(outputs, stored values)`."""
     program = usage.program
@@ -68,9 +116,9 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
     layout = StoredLayout.of(usage, plan)
     stored_vars = [res_vars[k] for k in layout.residuals]
 
-    # Offloaded residuals, by variable: producer eqn -> vars, pin eqn -> vars.
+    # Offloaded residuals, by variable: producer eqn -> vars, pinned by position.
     offload_after: dict[int, list[Var]] = {}
-    pin_before: dict[int, list[Var]] = {}
+    to_host = PinQueue()
     seen: set[Var] = set()
     for r in plan.offloaded:
         v = res_vars[r.index]
@@ -78,37 +126,24 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             continue
         seen.add(v)
         offload_after.setdefault(r.produced_at, []).append(v)
-        pin_before.setdefault(r.offload_by, []).append(v)
+        to_host.schedule(r.offload_by, v)
 
     live = _live_eqns(jaxpr, [*jaxpr.outvars[: program.num_outputs], *stored_vars])
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, program.forward.consts, strict=True))
     env.update(zip(jaxpr.invars, inputs, strict=True))
     host: dict[Var, Any] = {}
-    waiting: list[Var] = []
     for i, eqn in enumerate(jaxpr.eqns):
-        waiting.extend(pin_before.get(i, ()))
-        anchor = _first_var(eqn, env) if waiting and live[i] else None
-        if anchor is not None:
-            tied, env[anchor] = _tie([host[v] for v in waiting], env[anchor])
-            host.update(zip(waiting, tied, strict=True))
-            waiting = []
+        to_host.pin_at(i, eqn if live[i] else None, env, host)
         if not live[i]:
             continue
-        outs = bind_eqn(eqn, [_read(env, v) for v in eqn.invars])
+        outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
         env.update(zip(eqn.outvars, outs, strict=True))
         for v in offload_after.get(i, ()):
             host[v] = jax.device_put(env[v], HOST)
-    outputs = [_read(env, v) for v in jaxpr.outvars[: program.num_outputs]]
-    if waiting:  # pinned at the end of the forward: tie to the outputs
-        arrays = [j for j, o in enumerate(outputs) if hasattr(o, "shape")]
-        *tied, rest = lax.optimization_barrier(
-            (*[host[v] for v in waiting], [outputs[j] for j in arrays])
-        )
-        host.update(zip(waiting, tied, strict=True))
-        for j, o in zip(arrays, rest, strict=True):
-            outputs[j] = o
-    stored = [host.get(v, None) if v in host else _read(env, v) for v in stored_vars]
+    outputs = [read_atom(env, v) for v in jaxpr.outvars[: program.num_outputs]]
+    outputs = to_host.pin_to_outputs(outputs, host)  # pinned at the end of the forward
+    stored = [host.get(v, None) if v in host else read_atom(env, v) for v in stored_vars]
     stored += [inputs[i] for i in layout.inputs]
     return outputs, stored
 
@@ -167,7 +202,8 @@ def run_backward(
             local.update(zip(fwd.constvars, program.forward.consts, strict=True))
             for e in recipe.eqns:
                 eqn = fwd.eqns[e]
-                local.update(zip(eqn.outvars, bind_eqn(eqn, [_read(local, v) for v in eqn.invars])))
+                outs = bind_eqn(eqn, [read_atom(local, v) for v in eqn.invars])
+                local.update(zip(eqn.outvars, outs))
             value[k] = local[res_vars[k]]
         return value[k]
 

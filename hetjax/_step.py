@@ -1,0 +1,170 @@
+"""The step form: `het_offload` on a function that takes the gradient inside.
+
+A train step's jaxpr holds its forward and its backward pass in one program; JAX
+marks the backward equations with "transpose(" in their name stack. Top-level
+`jit` calls are inlined first, so a crossing inside one (a nested `jax.jit` of a
+gradient) becomes visible. The residuals are the values that forward equations
+define and equations from the first backward one on use. They get the same
+records, planner and pins as the loss form; `run_step` evaluates the one program
+with the moves inserted. No `custom_vjp` is involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from ._compat import (
+    ClosedJaxpr,
+    Jaxpr,
+    Var,
+    bind_eqn,
+    inlinable_call,
+    inner_name_stack,
+    is_transpose,
+    sub_jaxprs,
+)
+from ._plan import Plan, warn_once
+from ._rewrite import DEVICE, HOST, PinQueue, read_atom
+from ._usage import Usage, def_use, residual_record
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A step with its calls inlined, and the variables that cross forward -> backward."""
+
+    program: ClosedJaxpr
+    residual_vars: tuple[Var, ...]
+    boundary: int  # position of the first backward equation (len(eqns) if none)
+
+
+def holds_backward(jaxpr: Jaxpr) -> bool:
+    """Whether `jaxpr` (at any depth) contains equations of a transposed computation."""
+    return any(is_transpose(e) or any(holds_backward(j) for j in sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
+def inline_calls(jaxpr: Jaxpr, inputs: Sequence[Any]) -> ClosedJaxpr:
+    """`jaxpr` with its plain `jit` calls inlined, recursively, with fresh variables.
+
+    Inside an outer trace a nested `jit` has no meaning of its own: its shardings
+    are unspecified (others are left alone) and donation does not apply.
+    """
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
+    return jax.make_jaxpr(lambda *xs: _eval_inlined(jaxpr, [], xs))(*avals)
+
+
+def _eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        invals = [read_atom(env, v) for v in eqn.invars]
+        if inlinable_call(eqn):
+            inner = eqn.params["jaxpr"]
+            with inner_name_stack(eqn):
+                outs = _eval_inlined(inner.jaxpr, inner.consts, invals)
+        else:
+            outs = bind_eqn(eqn, invals)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read_atom(env, v) for v in jaxpr.outvars]
+
+
+def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:
+    """Inline `primal`'s calls and find the values crossing forward -> backward."""
+    closed = inline_calls(primal, inputs)
+    jaxpr = closed.jaxpr
+    eqns = jaxpr.eqns
+    boundary = next((i for i, e in enumerate(eqns) if is_transpose(e)), len(eqns))
+    if boundary == len(eqns):
+        holder = next((e for e in eqns if holds_backward_inside(e)), None)
+        name = "a nested construct" if holder is None else f"'{holder.primitive}'"
+        warn_once(
+            f"hetjax: the backward pass of this step runs inside {name}; its residuals "
+            "stay on device."
+        )
+    producer, _ = def_use(eqns)
+    crossing: dict[Var, None] = {}
+    for eqn in eqns[boundary:]:
+        for v in eqn.invars:
+            if isinstance(v, Var) and producer.get(v, boundary) < boundary:
+                crossing[v] = None
+    # TODO: per-iteration offload inside `scan` (stacked host buffer, fetched one
+    # iteration ahead in the backward scan); residuals of a scan move as whole arrays.
+    ordered = sorted(crossing, key=lambda v: producer[v])
+    return StepProgram(closed, tuple(ordered), boundary)
+
+
+def holds_backward_inside(eqn: Any) -> bool:
+    return any(holds_backward(j) for j in sub_jaxprs(eqn))
+
+
+def step_usage(program: StepProgram) -> Usage:
+    """The usage record of a step: positions are indices into its one program."""
+    jaxpr = program.program.jaxpr
+    boundary = program.boundary
+    end = len(jaxpr.eqns)
+    producer, _ = def_use(jaxpr.eqns)
+    uses: dict[Var, list[int]] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var):
+                uses.setdefault(v, []).append(i)
+    input_index = {v: i for i, v in enumerate((*jaxpr.constvars, *jaxpr.invars))}
+    records = []
+    for k, v in enumerate(program.residual_vars):
+        fwd = [i for i in uses[v] if i < boundary]
+        bwd = [i for i in uses[v] if i >= boundary]
+        last_bwd = end if v in jaxpr.outvars else bwd[-1]
+        records.append(
+            residual_record(
+                k, v, jaxpr, producer,
+                last_forward_use=max([producer[v], *fwd]),
+                first_backward_use=bwd[0],
+                last_backward_use=last_bwd,
+                input_index=input_index,
+            )
+        )  # fmt: skip
+    # TODO: recompute in the step form; every record here is keep or offload.
+    return Usage(
+        program=program,
+        residuals=tuple(records),
+        recipes={},
+        eqns=tuple(jaxpr.eqns),
+        boundary=boundary,
+    )
+
+
+def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
+    """Evaluate the step with the plan's moves: the step's flat outputs."""
+    program: StepProgram = usage.program
+    closed = program.program
+    jaxpr = closed.jaxpr
+    res_vars = program.residual_vars
+    produced: dict[int, list[Var]] = {}
+    to_host = PinQueue()  # host copies waiting for their forward pin
+    to_device = PinQueue()  # host copies waiting for their backward pin
+    for r in plan.offloaded:
+        v = res_vars[r.index]
+        produced.setdefault(r.produced_at, []).append(v)
+        to_host.schedule(r.offload_by, v)
+        to_device.schedule(r.prefetch_at, v)
+
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(jaxpr.invars, inputs, strict=True))
+    host: dict[Var, Any] = {}
+    recent = None  # the latest value computed: an anchor when an equation has none
+    for i, eqn in enumerate(jaxpr.eqns):
+        to_host.pin_at(i, eqn, env, host)
+        for v in to_device.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
+            env[v] = jax.device_put(host.pop(v), DEVICE)
+        outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+        env.update(zip(eqn.outvars, outs, strict=True))
+        recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
+        for v in produced.get(i, ()):
+            host[v] = jax.device_put(env[v], HOST)
+    outputs = [read_atom(env, v) for v in jaxpr.outvars]
+    return to_host.pin_to_outputs(outputs, host)

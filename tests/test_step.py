@@ -1,0 +1,297 @@
+"""het_offload on whole train steps: the gradient is taken inside the decorated function."""
+
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+from jax import lax
+from test_core import ALL, assert_trees_equal, host_puts
+
+import hetjax
+from hetjax._api import usage_and_plan
+
+OPTIONS = dict(ALL, device_budget=None, profile=None)
+STEPS = 3
+
+
+def _keys(n):
+    return list(jax.random.split(jax.random.key(0), n))
+
+
+# Losses -----------------------------------------------------------------------
+
+
+def mlp_loss(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    h = jnp.tanh(h @ p["w2"])
+    return jnp.mean((h @ p["w3"]) ** 2)
+
+
+def mlp_params():
+    k = _keys(4)
+    p = {
+        "w1": jax.random.normal(k[0], (16, 32)) * 0.3,
+        "w2": jax.random.normal(k[1], (32, 32)) * 0.3,
+        "w3": jax.random.normal(k[2], (32, 4)) * 0.3,
+    }
+    return p, jax.random.normal(k[3], (8, 16))
+
+
+def scan_loss(p, x):
+    def layer(h, w):
+        return jnp.tanh(h @ w), None
+
+    h, _ = lax.scan(layer, x, p["ws"])
+    return jnp.mean(h**2)
+
+
+def scan_params():
+    k = _keys(2)
+    return {"ws": jax.random.normal(k[0], (4, 16, 16)) * 0.3}, jax.random.normal(k[1], (8, 16))
+
+
+@jax.jit
+def _dense(w, x):
+    return jnp.tanh(x @ w)
+
+
+def jit_remat_loss(p, x):
+    h = _dense(p["w1"], x)
+    h = jax.checkpoint(lambda h: jnp.sin(h) * h)(h)
+    h = jnp.where(h.sum() > 0, h, -h)
+    return jnp.mean((h @ p["w3"]) ** 2)
+
+
+def control_flow_loss(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    h = lax.cond(h.sum() > 0, jnp.sin, jnp.cos, h)
+    h = lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["w2"]), h)  # scan: static bounds
+    scale = lax.while_loop(lambda s: s < 3.0, lambda s: s + 1.0, jnp.float32(0.5))
+    return jnp.mean((h @ p["w3"]) ** 2) * lax.stop_gradient(scale)
+
+
+def nested_jit_step(p, x):
+    loss, g = jax.jit(jax.value_and_grad(mlp_loss))(p, x)
+    return jax.tree.map(lambda w, d: w - 0.1 * d, p, g), loss
+
+
+# Steps ------------------------------------------------------------------------
+
+
+def optax_step(loss_fn, tx):
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def run_steps(step, params, opt_state, x):
+    losses = []
+    for _ in range(STEPS):
+        params, opt_state, loss = step(params, opt_state, x)
+        losses.append(loss)
+    return params, opt_state, losses
+
+
+CASES = {
+    "adam mlp": (mlp_loss, mlp_params, lambda: optax.adam(1e-2)),
+    "adamw mlp": (mlp_loss, mlp_params, lambda: optax.adamw(1e-2, weight_decay=1e-3)),
+    "adam scan": (scan_loss, scan_params, lambda: optax.adam(1e-2)),
+    "sgd jit+checkpoint": (jit_remat_loss, mlp_params, lambda: optax.sgd(0.1, momentum=0.9)),
+    "adam cond+fori+while": (control_flow_loss, mlp_params, lambda: optax.adam(1e-2)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_optax_step_bitwise(case):
+    loss_fn, make, make_tx = CASES[case]
+    params, x = make()
+    tx = make_tx()
+    step = optax_step(loss_fn, tx)
+    expected = run_steps(jax.jit(step), params, tx.init(params), x)
+    decorated = jax.jit(hetjax.het_offload(step, **ALL))
+    got = run_steps(decorated, params, tx.init(params), x)
+    assert_trees_equal(got, expected)
+    assert host_puts(jax.make_jaxpr(hetjax.het_offload(step, **ALL))(params, tx.init(params), x))
+
+
+def test_nested_jit_of_gradient_is_inlined():
+    """A jitted value_and_grad inside the step: the crossings sit inside one call."""
+    params, x = mlp_params()
+    decorated = hetjax.het_offload(nested_jit_step, **ALL)
+    assert host_puts(jax.make_jaxpr(decorated)(params, x)) >= 2
+    assert_trees_equal(jax.jit(decorated)(params, x), jax.jit(nested_jit_step)(params, x))
+
+
+def test_step_jaxpr_and_gpu_lowering_place_in_host():
+    params, x = mlp_params()
+    tx = optax.adam(1e-2)
+    step = hetjax.het_offload(optax_step(mlp_loss, tx), **ALL)
+    args = (params, tx.init(params), x)
+    usage, plan = usage_and_plan(step.__wrapped__, args, {}, OPTIONS)
+    assert host_puts(jax.make_jaxpr(step)(*args)) == len(plan.offloaded) > 0
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "annotate_device_placement" in text
+    assert '_xla_buffer_placement = "pinned_host"' in text
+
+
+def test_step_record_positions():
+    params, x = mlp_params()
+    tx = optax.adam(1e-2)
+    usage, plan = usage_and_plan(
+        optax_step(mlp_loss, tx), (params, tx.init(params), x), {}, OPTIONS
+    )
+    assert 0 < usage.boundary < len(usage.eqns)
+    assert plan.offloaded
+    for r in plan.residuals:
+        assert 0 <= r.produced_at <= r.last_forward_use < usage.boundary
+        assert r.last_forward_use <= r.first_backward_use <= r.last_backward_use
+        assert r.first_backward_use >= usage.boundary
+        assert not r.is_input  # inputs never appear; views of them are marked is_input
+    for r in plan.offloaded:
+        assert r.last_forward_use < r.offload_by <= usage.boundary
+        assert usage.boundary <= r.prefetch_at <= r.first_backward_use
+
+
+def test_step_view_of_input_marked_and_kept():
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w.T))  # w.T: a view of an input, used by the backward
+
+    def step(w, x):
+        return jax.grad(loss, argnums=(0, 1))(w, x)
+
+    w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
+    _, plan = usage_and_plan(step, (w, x), {}, OPTIONS)
+    views = [r for r in plan.residuals if r.is_input]
+    assert views and all(r.decision == "keep" for r in views)
+
+
+def test_no_retrace_on_second_call():
+    traces = 0
+
+    def step(params, x):
+        nonlocal traces
+        traces += 1
+        g = jax.grad(mlp_loss)(params, x)
+        return jax.tree.map(lambda w, d: w - 0.1 * d, params, g)
+
+    params, x = mlp_params()
+    f = jax.jit(hetjax.het_offload(step, **ALL))
+    p1 = f(params, x)
+    first = traces
+    f(p1, x)
+    assert traces == first > 0
+
+
+def test_analyze_on_a_step():
+    params, x = mlp_params()
+    tx = optax.adamw(1e-2)
+    report = hetjax.analyze(optax_step(mlp_loss, tx), params, tx.init(params), x, **ALL)
+    assert any(r.decision == "offload" for r in report.residuals)
+    assert "tanh" in report.table()
+
+
+def test_backward_inside_scan_warns_and_stays_correct():
+    """Gradient accumulation: the backward lives inside a scan body; nothing crosses
+    at the top level, so nothing moves (with one warning)."""
+
+    def step(params, xs):
+        def body(acc, x):
+            g = jax.grad(mlp_loss)(params, x)
+            return jax.tree.map(jnp.add, acc, g), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        g, _ = lax.scan(body, zeros, xs)
+        return jax.tree.map(lambda w, d: w - 0.1 * d, params, g)
+
+    params, x = mlp_params()
+    xs = jnp.stack([x, 2 * x])
+    with pytest.warns(hetjax.HetjaxWarning, match="'scan'"):
+        got = jax.jit(hetjax.het_offload(step, **ALL))(params, xs)
+    assert_trees_equal(got, jax.jit(step)(params, xs))
+
+
+# flax ---------------------------------------------------------------------------
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(16, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def nnx_train_step(model, optimizer, x):
+    def loss_fn(model):
+        return jnp.mean(model(x) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def _nnx_run(step):
+    model = NnxMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    losses = [step(model, optimizer, x) for _ in range(STEPS)]
+    return nnx.state(model), nnx.state(optimizer), losses
+
+
+def test_flax_nnx_step_bitwise():
+    expected = _nnx_run(nnx.jit(nnx_train_step))
+    decorated = hetjax.het_offload(nnx_train_step, **ALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tracer leak, no warning of any kind
+        got = _nnx_run(nnx.jit(decorated))
+    assert_trees_equal(got, expected)
+    assert int(got[1]["step"].get_value()) == STEPS  # the optimizer really advanced
+    model = NnxMLP(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def pure(state, x):
+        return decorated(*nnx.merge(graphdef, state), x)
+
+    assert host_puts(jax.make_jaxpr(pure)(state, jnp.ones((8, 16))))
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(jnp.tanh(nn.Dense(32)(x)))
+
+
+def test_flax_linen_train_state_bitwise():
+    model = LinenMLP()
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    state = train_state.TrainState.create(
+        apply_fn=model.apply, params=model.init(jax.random.key(0), x), tx=optax.adam(1e-2)
+    )
+
+    def step(state, x):
+        def loss_fn(params):
+            return jnp.mean(state.apply_fn(params, x) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    def run(f):
+        s, losses = state, []
+        for _ in range(STEPS):
+            s, loss = f(s, x)
+            losses.append(loss)
+        return s.step, s.params, s.opt_state, losses
+
+    assert_trees_equal(run(jax.jit(hetjax.het_offload(step, **ALL))), run(jax.jit(step)))
