@@ -25,6 +25,7 @@ from ._compat import (
     inlinable_call,
     inner_name_stack,
     is_transpose,
+    nbytes,
     sub_jaxprs,
 )
 from ._plan import Plan, warn_once
@@ -78,12 +79,13 @@ def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:
     jaxpr = closed.jaxpr
     eqns = jaxpr.eqns
     boundary = next((i for i, e in enumerate(eqns) if is_transpose(e)), len(eqns))
-    if boundary == len(eqns):
-        holder = next((e for e in eqns if holds_backward_inside(e)), None)
-        name = "a nested construct" if holder is None else f"'{holder.primitive}'"
+    # A backward pass (or part of one) inside a construct that is not inlined: its
+    # crossings are not visible here, so its residuals stay where XLA puts them.
+    holder = next((e for e in eqns if not is_transpose(e) and holds_backward_inside(e)), None)
+    if holder is not None:
         warn_once(
-            f"hetjax: the backward pass of this step runs inside {name}; its residuals "
-            "stay on device."
+            f"hetjax: part of this step's backward pass runs inside '{holder.primitive}'; "
+            "the residuals inside it stay on device."
         )
     producer, _ = def_use(eqns)
     crossing: dict[Var, None] = {}
@@ -134,7 +136,19 @@ def step_usage(program: StepProgram) -> Usage:
         recipes={},
         eqns=tuple(jaxpr.eqns),
         boundary=boundary,
+        buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
     )
+
+
+def _step_buffers(jaxpr: Jaxpr, residuals: set, uses: dict) -> tuple[tuple[int, int, int], ...]:
+    """Device intervals `(nbytes, first, last)` of the step's values other than residuals."""
+    end = len(jaxpr.eqns)
+    last = {v: u[-1] for v, u in uses.items()}
+    last.update((v, end) for v in jaxpr.outvars if isinstance(v, Var))
+    out = [(nbytes(v.aval), -1, end) for v in (*jaxpr.constvars, *jaxpr.invars)]
+    for i, eqn in enumerate(jaxpr.eqns):
+        out += [(nbytes(v.aval), i, last.get(v, i)) for v in eqn.outvars if v not in residuals]
+    return tuple(out)
 
 
 def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:

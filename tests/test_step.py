@@ -157,6 +157,7 @@ def test_step_record_positions():
         assert r.last_forward_use <= r.first_backward_use <= r.last_backward_use
         assert r.first_backward_use >= usage.boundary
         assert not r.is_input  # inputs never appear; views of them are marked is_input
+    assert usage.buffers and all(first <= last for _, first, last in usage.buffers)
     for r in plan.offloaded:
         assert r.last_forward_use < r.offload_by <= usage.boundary
         assert usage.boundary <= r.prefetch_at <= r.first_backward_use
