@@ -53,11 +53,7 @@ def check_options(policy: Any, min_bytes: Any, device_budget: Any) -> None:
             f"het_offload: policy must be one of {POLICIES} or a callable "
             f"(ResidualUsage) -> bool, got {policy!r}"
         )
-    if (
-        isinstance(min_bytes, bool)
-        or not isinstance(min_bytes, (int, np.integer))
-        or min_bytes < 0
-    ):
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, (int, np.integer)) or min_bytes < 0:
         raise ValueError(f"het_offload: min_bytes must be an int >= 0, got {min_bytes!r}")
     if device_budget is not None and (
         isinstance(device_budget, bool)
@@ -166,7 +162,7 @@ def make_plan(
 
 
 def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
-    """"offload" marks an eligible residual; the policy then picks among those."""
+    """ "offload" marks an eligible residual; the policy then picks among those."""
     if policy == "none":
         return "keep"
     if r.recomputable:

@@ -54,7 +54,8 @@ class Report:
 
         fig, ax = plt.subplots(figsize=(10, 4)) if ax is None else (ax.figure, ax)
         positions = np.arange(-1, len(self.plan.baseline_memory) - 1)
-        gib = 2.0**30
+        big = self.baseline_peak_bytes >= 2**30
+        gib, unit = (2.0**30, "GiB") if big else (2.0**20, "MiB")
         ax.step(positions, self.plan.baseline_memory / gib, where="post", label="no plan")
         ax.step(positions, self.plan.predicted_memory / gib, where="post", label="with plan")
         ax.axvline(self.plan.boundary - 0.5, color="gray", ls=":", label="forward | backward")
@@ -68,10 +69,10 @@ class Report:
             ax.plot([r.prefetch_at, r.first_backward_use], [y, y], color="tab:purple", lw=2,
                     label="copy to device" if i == 0 else None)  # fmt: skip
         ax.set_xlabel("program position (forward, then backward equations)")
-        ax.set_ylabel("device memory (GiB, predicted)")
+        ax.set_ylabel(f"device memory ({unit}, predicted)")
         ax.set_title(
             f"policy={self.plan.policy}: peak {self.baseline_peak_bytes / gib:.2f} -> "
-            f"{self.predicted_peak_bytes / gib:.2f} GiB, {self.moved_bytes / gib:.2f} GiB "
+            f"{self.predicted_peak_bytes / gib:.2f} {unit}, {self.moved_bytes / gib:.2f} {unit} "
             f"moved, ~{self.exposed_transfer_ms:.1f} ms exposed"
         )
         ax.legend(loc="best", fontsize="small")

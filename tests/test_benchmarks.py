@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-VARIANTS = ["plain", "jax_remat", "jax_offload", "hetjax_all", "hetjax_auto"]
+VARIANTS = [
+    "plain",
+    "jax_remat",
+    "jax_offload",
+    "hetjax_all",
+    "hetjax_auto",
+    "hetjax_auto@0.8",
+    "hetjax_auto@0.6",
+]
 TOP_KEYS = {"device": str, "jax_version": str, "model": str, "preset": str, "config": dict}
 INT_OR_NONE = (int, type(None))
 FLOAT_OR_NONE = (float, type(None))
