@@ -143,7 +143,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             host[v] = jax.device_put(env[v], HOST)
     outputs = [read_atom(env, v) for v in jaxpr.outvars[: program.num_outputs]]
     outputs = to_host.pin_to_outputs(outputs, host)  # pinned at the end of the forward
-    stored = [host.get(v, None) if v in host else read_atom(env, v) for v in stored_vars]
+    stored = [host[v] if v in host else read_atom(env, v) for v in stored_vars]
     stored += [inputs[i] for i in layout.inputs]
     return outputs, stored
 
