@@ -100,12 +100,45 @@ def on_host(aval: Any) -> bool:
 
 
 def nbytes(aval: Any) -> int:
-    """Bytes of one value; PRNG keys count their underlying integers."""
+    """Bytes of one value on one device; PRNG keys count their underlying integers.
+
+    A value whose aval carries its sharding (mesh axes of type `Explicit`) counts one
+    shard. Under `Auto` axes the partitioner picks shardings after tracing, so the
+    aval has none and the whole value is counted.
+    """
     if not hasattr(aval, "shape") or aval.dtype == dtypes.float0:
         return 0
-    if is_extended(aval.dtype):
-        aval = core.physical_aval(aval)
-    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+    shape, dtype = shard_shape(aval), aval.dtype
+    if is_extended(dtype):  # trailing physical dims (a key's words) are not sharded
+        physical = core.physical_aval(aval)
+        shape, dtype = (*shape, *physical.shape[len(aval.shape) :]), physical.dtype
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def shard_shape(aval: Any) -> tuple[int, ...]:
+    """The shape of one device's shard of `aval`, as far as the aval knows it.
+
+    Only mesh axes of type `Explicit` named in `aval.sharding.spec` divide a
+    dimension: `Auto` axes are not in the spec, and inside `shard_map` the aval is
+    already the local block and its `Manual` axes are not counted again.
+    """
+    shape = tuple(int(d) for d in aval.shape)
+    sharding = getattr(aval, "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None or not getattr(mesh, "axis_names", ()):
+        return shape
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    out = list(shape)
+    for dim, entry in enumerate(tuple(spec)[: len(shape)]):
+        names = (entry,) if isinstance(entry, str) else entry if isinstance(entry, tuple) else ()
+        ways = int(np.prod([sizes[n] for n in names if n in explicit], dtype=np.int64))
+        out[dim] = -(-out[dim] // ways)  # explicit shardings divide evenly; ceil anyway
+    return tuple(out)
 
 
 def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
