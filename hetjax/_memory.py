@@ -35,6 +35,12 @@ def residual_intervals(r: ResidualUsage) -> list[Interval]:
     """Where a residual occupies device memory, given its decision and pins."""
     if r.memory == "host" or (r.is_input and r.produced_at < 0):
         return []  # on host already, or an argument counted with the arguments
+    if r.decision == "offload" and r.per_iteration:
+        # The slice being made or read and the one in flight; the stack is on host.
+        return [
+            (2 * r.slice_nbytes, r.produced_at, r.produced_at),
+            (2 * r.slice_nbytes, r.first_backward_use, r.last_backward_use),
+        ]
     if r.decision == "offload":
         assert r.offload_by is not None and r.prefetch_at is not None
         return [

@@ -263,6 +263,9 @@ def _with_pins(
         pos = max(pos, earlier[-1] if earlier else end_fwd)
         pins[r.index]["prefetch_at"] = int(np.clip(pos, end_fwd, at))
 
+    for r in moved:
+        if r.per_iteration:  # copied inside the scans that make and read it
+            pins[r.index] = {"offload_by": r.produced_at + 1, "prefetch_at": need[r.index]}
     return tuple(
         dataclasses.replace(r, decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
         for r in usage.residuals
@@ -277,11 +280,15 @@ def _exposed_seconds(
     delay = 0.0
     link_free = 0.0
     for r in sorted(moved, key=lambda r: (r.produced_at, r.index)):
-        start = max(clock[r.produced_at + 1] + delay, link_free)
+        # A per-iteration copy starts with the scan that makes it, and runs beside it.
+        made = r.produced_at if r.per_iteration else r.produced_at + 1
+        start = max(clock[made] + delay, link_free)
         link_free = start + profile.d2h_seconds(r.nbytes)
         delay += max(0.0, link_free - (clock[r.offload_by] + delay))
     for r in sorted(moved, key=lambda r: (r.prefetch_at, r.first_backward_use, r.index)):
         start = max(clock[r.prefetch_at] + delay, link_free)
         link_free = start + profile.h2d_seconds(r.nbytes)
-        delay += max(0.0, link_free - (clock[r.first_backward_use] + delay))
+        # A per-iteration copy is due slice by slice; the last one by the scan's end.
+        due = r.first_backward_use + 1 if r.per_iteration else r.first_backward_use
+        delay += max(0.0, link_free - (clock[due] + delay))
     return delay

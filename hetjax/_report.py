@@ -81,14 +81,14 @@ class Report:
     def table(self) -> str:
         """One row per residual, with the user's source line."""
         head = ("#", "shape", "dtype", "MiB", "producer", "made", "last fwd", "1st bwd",
-                "decision", "pin", "prefetch", "source")  # fmt: skip
+                "decision", "move", "pin", "prefetch", "source")  # fmt: skip
         rows = [head]
         for r in self.residuals:
             rows.append((
                 str(r.index), "x".join(map(str, r.shape)) or "()", r.dtype,
                 f"{r.nbytes / 2**20:.2f}", r.primitive, str(r.produced_at),
                 str(r.last_forward_use), str(r.first_backward_use),
-                r.decision + (" (input)" if r.is_input else ""),
+                r.decision + (" (input)" if r.is_input else ""), r.move,
                 "" if r.offload_by is None else str(r.offload_by),
                 "" if r.prefetch_at is None else str(r.prefetch_at), r.source,
             ))  # fmt: skip

@@ -10,6 +10,12 @@ a new jaxpr: the original equations, plus
 - backward: an `optimization_barrier` that ties the host copy to an input of the
   equation at `prefetch_at`, then `device_put(r, Device)`, so the copy back starts
   there and not earlier; recomputed residuals are rebuilt just before first use.
+
+A residual stacked by a `scan` and read by one backward `scan` (`per_iteration`)
+moves inside both loops instead: the forward body puts each iteration's slice to
+host, so the stacked output is a host buffer (XLA writes it with a dynamic-update-
+slice per iteration); the backward loop carries the next iteration's slice, fetched
+from that buffer one iteration ahead of its use.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
-from ._compat import Literal, Var, bind_eqn
+from ._compat import Literal, Var, bind_eqn, eval_jaxpr, inner_name_stack
 from ._plan import Plan
 from ._usage import Usage
 
@@ -118,6 +125,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
 
     # Offloaded residuals, by variable: producer eqn -> vars, pinned by position.
     offload_after: dict[int, list[Var]] = {}
+    sliced: dict[int, list[Var]] = {}  # scan eqn -> its outputs moved per iteration
     to_host = PinQueue()
     seen: set[Var] = set()
     for r in plan.offloaded:
@@ -125,6 +133,9 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
         if v in seen:
             continue
         seen.add(v)
+        if r.per_iteration:
+            sliced.setdefault(r.produced_at, []).append(v)
+            continue
         offload_after.setdefault(r.produced_at, []).append(v)
         to_host.schedule(r.offload_by, v)
 
@@ -137,7 +148,12 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
         to_host.pin_at(i, eqn if live[i] else None, env, host)
         if not live[i]:
             continue
-        outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+        invals = [read_atom(env, v) for v in eqn.invars]
+        if i in sliced:
+            outs = scan_to_host(eqn, invals, sliced[i])
+            host.update((v, o) for v, o in zip(eqn.outvars, outs, strict=True) if v in sliced[i])
+        else:
+            outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         for v in offload_after.get(i, ()):
             host[v] = jax.device_put(env[v], HOST)
@@ -169,7 +185,11 @@ def run_backward(
     input_value = dict(zip(layout.inputs, stored[len(layout.residuals) :], strict=True))
 
     prefetch: dict[int, list[int]] = {}
+    sliced: dict[int, list[Var]] = {}  # scan eqn -> its stacked inputs read from host
     for r in plan.offloaded:
+        if r.per_iteration:
+            sliced.setdefault(r.first_backward_use - num_fwd, []).append(res_invars[r.index])
+            continue
         prefetch.setdefault(r.prefetch_at - num_fwd, []).append(r.index)
 
     env: dict[Any, Any] = {}
@@ -222,11 +242,81 @@ def run_backward(
             on_host.update(zip(ks, tied, strict=True))
         for k in ks:
             fetch(k)
-        outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
+        if j in sliced:  # the scan reads these stacks from host, slice by slice
+            invals = [
+                on_host.pop(index_of_invar[v]) if v in sliced[j] else read(v) for v in eqn.invars
+            ]
+            outs = scan_from_host(eqn, invals, [v in sliced[j] for v in eqn.invars])
+        else:
+            outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
         env.update(zip(eqn.outvars, outs, strict=True))
         if outs and hasattr(outs[0], "shape"):
             recent[0] = outs[0]
     return [read(v) for v in jaxpr.outvars]
+
+
+def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:
+    """A scan's operands (or flags over them) as `(consts, carry, stacked)`."""
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    return list(values[:nc]), list(values[nc : nc + nk]), list(values[nc + nk :])
+
+
+def _scan(eqn: Any, body: Any, init: Any, xs: list[Any]) -> tuple[Any, list[Any]]:
+    """`lax.scan` with `eqn`'s length, direction and unrolling, in `eqn`'s name stack."""
+    p = eqn.params
+    with inner_name_stack(eqn):
+        return lax.scan(
+            body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        )
+
+
+def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[Any]:
+    """Evaluate the scan `eqn` with its stacked outputs `moved` built in host memory:
+    each iteration puts its slice to host, so the stack never exists on device."""
+    body = eqn.params["jaxpr"]
+    consts, init, xs = _split_scan(eqn, invals)
+    nk = len(init)
+    to_host = [v in moved for v in eqn.outvars[nk:]]
+
+    def iteration(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
+        ys = [jax.device_put(y, HOST) if m else y for y, m in zip(outs[nk:], to_host, strict=True)]
+        return outs[:nk], ys
+
+    carry, ys = _scan(eqn, iteration, init, xs)
+    return [*carry, *ys]
+
+
+def scan_from_host(eqn: Any, invals: Sequence[Any], from_host: Sequence[bool]) -> list[Any]:
+    """Evaluate the scan `eqn` whose stacked operands flagged in `from_host` are host
+    arrays: the loop carries each one's next slice, fetched to device one iteration
+    ahead of its use, so the copy runs beside the current iteration's compute."""
+    body = eqn.params["jaxpr"]
+    length, step = eqn.params["length"], -1 if eqn.params["reverse"] else 1
+    consts, init, xs = _split_scan(eqn, invals)
+    flags = _split_scan(eqn, from_host)[2]
+    stacks = [x for x, f in zip(xs, flags, strict=True) if f]
+    rest = [x for x, f in zip(xs, flags, strict=True) if not f]
+
+    def fetch(i: Any) -> list[Any]:
+        return [jax.device_put(lax.dynamic_index_in_dim(s, i, keepdims=False), DEVICE)
+                for s in stacks]  # fmt: skip
+
+    def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
+        carry, ready = carry
+        t, *other = x
+        # TODO: the last iteration fetches its own slice again (clamped index): one
+        # slice of extra traffic per scan, cheaper than a cond around the copy.
+        ahead = fetch(lax.clamp(0, t + step, length - 1))
+        slices, others = iter(ready), iter(other)
+        x = [next(slices) if f else next(others) for f in flags]
+        outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
+        return (outs[: len(init)], ahead), outs[len(init) :]
+
+    first = fetch(length - 1 if step < 0 else 0)
+    index = jnp.arange(length, dtype=jnp.int32)
+    (carry, _), ys = _scan(eqn, iteration, (init, first), [index, *rest])
+    return [*carry, *ys]
 
 
 def _live_eqns(jaxpr: Any, needed: Sequence[Any]) -> list[bool]:

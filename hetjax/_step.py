@@ -29,8 +29,8 @@ from ._compat import (
     sub_jaxprs,
 )
 from ._plan import Plan, warn_once
-from ._rewrite import DEVICE, HOST, PinQueue, read_atom
-from ._usage import Usage, def_use, residual_record
+from ._rewrite import DEVICE, HOST, PinQueue, read_atom, scan_from_host, scan_to_host
+from ._usage import Usage, def_use, eqns_reading, moves_per_iteration, residual_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,6 @@ def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:
         for v in eqn.invars:
             if isinstance(v, Var) and producer.get(v, boundary) < boundary:
                 crossing[v] = None
-    # TODO: per-iteration offload inside `scan` (stacked host buffer, fetched one
-    # iteration ahead in the backward scan); residuals of a scan move as whole arrays.
     ordered = sorted(crossing, key=lambda v: producer[v])
     return StepProgram(closed, tuple(ordered), boundary)
 
@@ -115,11 +113,15 @@ def step_usage(program: StepProgram) -> Usage:
             if isinstance(v, Var):
                 uses.setdefault(v, []).append(i)
     input_index = {v: i for i, v in enumerate((*jaxpr.constvars, *jaxpr.invars))}
+    readers = eqns_reading(jaxpr.eqns)
     records = []
     for k, v in enumerate(program.residual_vars):
         fwd = [i for i in uses[v] if i < boundary]
         bwd = [i for i in uses[v] if i >= boundary]
         last_bwd = end if v in jaxpr.outvars else bwd[-1]
+        sliceable = v not in jaxpr.outvars and moves_per_iteration(
+            jaxpr.eqns[producer[v]], v, readers[v], v
+        )
         records.append(
             residual_record(
                 k, v, jaxpr, producer,
@@ -127,6 +129,7 @@ def step_usage(program: StepProgram) -> Usage:
                 first_backward_use=bwd[0],
                 last_backward_use=last_bwd,
                 input_index=input_index,
+                per_iteration=sliceable,
             )
         )  # fmt: skip
     # TODO: recompute in the step form; every record here is keep or offload.
@@ -158,10 +161,18 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     jaxpr = closed.jaxpr
     res_vars = program.residual_vars
     produced: dict[int, list[Var]] = {}
+    # Stacked by a scan and moved inside the scans that make and read them, by the
+    # position of each scan.
+    made_sliced: dict[int, list[Var]] = {}
+    read_sliced: dict[int, list[Var]] = {}
     to_host = PinQueue()  # host copies waiting for their forward pin
     to_device = PinQueue()  # host copies waiting for their backward pin
     for r in plan.offloaded:
         v = res_vars[r.index]
+        if r.per_iteration:
+            made_sliced.setdefault(r.produced_at, []).append(v)
+            read_sliced.setdefault(r.first_backward_use, []).append(v)
+            continue
         produced.setdefault(r.produced_at, []).append(v)
         to_host.schedule(r.offload_by, v)
         to_device.schedule(r.prefetch_at, v)
@@ -175,7 +186,13 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         to_host.pin_at(i, eqn, env, host)
         for v in to_device.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
             env[v] = jax.device_put(host.pop(v), DEVICE)
-        outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+        invals = [read_atom(env, v) for v in eqn.invars]
+        if i in made_sliced:
+            outs = scan_to_host(eqn, invals, made_sliced[i])
+        elif i in read_sliced:
+            outs = scan_from_host(eqn, invals, [v in read_sliced[i] for v in eqn.invars])
+        else:
+            outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
         for v in produced.get(i, ()):

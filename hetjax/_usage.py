@@ -58,6 +58,9 @@ class ResidualUsage:
     recomputable: bool
     offloadable: bool
     memory: str = "device"
+    # A stacked output of a forward `scan` read only as a stacked input of one
+    # backward `scan`: it can move one iteration's slice at a time.
+    per_iteration: bool = False
     decision: Decision = "keep"
     offload_by: int | None = None
     prefetch_at: int | None = None
@@ -66,6 +69,21 @@ class ResidualUsage:
     def idle_span(self) -> int:
         """Positions between the last forward use and the first backward use."""
         return self.first_backward_use - self.last_forward_use
+
+    @property
+    def move(self) -> str:
+        """How an offloaded residual travels: "per-iteration" slices inside the scans
+        that make and read it, or as a "whole" array; "" when it is not offloaded."""
+        if self.decision != "offload":
+            return ""
+        return "per-iteration" if self.per_iteration else "whole"
+
+    @property
+    def slice_nbytes(self) -> int:
+        """Bytes of one scan iteration's slice (the whole for other residuals)."""
+        if self.per_iteration and self.shape and self.shape[0]:
+            return self.nbytes // self.shape[0]
+        return self.nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +127,7 @@ def residual_usage(program: VjpProgram) -> Usage:
     bwd_res_invars = bwd.invars[: program.num_residuals]
     first_use: dict[Var, int] = {}
     last_bwd_use: dict[Var, int] = {}
+    readers = eqns_reading(bwd.eqns)
     for j, eqn in enumerate(bwd.eqns):
         for v in eqn.invars:
             if isinstance(v, Var):
@@ -119,6 +138,8 @@ def residual_usage(program: VjpProgram) -> Usage:
         if isinstance(v, Var):
             first_use.setdefault(v, end)
             last_bwd_use[v] = end
+    # Read in the forward after being made, or an output: must exist as a whole there.
+    whole_in_forward = set(last_use) | set(fwd.outvars[: program.num_outputs])
 
     # The first residual index for each var; a repeated var shares its record.
     residual_of: dict[Var, int] = {}
@@ -137,14 +158,23 @@ def residual_usage(program: VjpProgram) -> Usage:
         recipe = None if p < 0 else _recipe(fwd, v, producer, input_index, residual_of)
         if recipe is not None:
             recipes[k] = recipe
+        read_as = bwd_res_invars[k]
+        sliceable = (
+            p >= 0
+            and v not in whole_in_forward
+            and res_vars.count(v) == 1
+            and read_as not in bwd.outvars
+            and moves_per_iteration(fwd.eqns[p], v, readers.get(read_as, []), read_as)
+        )
         records.append(
             residual_record(
                 k, v, fwd, producer,
                 last_forward_use=max(p, last_use.get(v, p)),
-                first_backward_use=first_use.get(bwd_res_invars[k], end),
-                last_backward_use=last_bwd_use.get(bwd_res_invars[k], end),
+                first_backward_use=first_use.get(read_as, end),
+                last_backward_use=last_bwd_use.get(read_as, end),
                 input_index=input_index,
                 recipe=recipe,
+                per_iteration=sliceable,
             )
         )  # fmt: skip
     return Usage(
@@ -198,6 +228,38 @@ def def_use(eqns: Any) -> tuple[dict[Var, int], dict[Var, int]]:
     return producer, last_use
 
 
+def eqns_reading(eqns: Any) -> dict[Var, list[Any]]:
+    """The distinct equations that read each variable, in program order."""
+    readers: dict[Var, list[Any]] = {}
+    for eqn in eqns:
+        for v in dict.fromkeys(x for x in eqn.invars if isinstance(x, Var)):
+            readers.setdefault(v, []).append(eqn)
+    return readers
+
+
+def is_scan(eqn: Any) -> bool:
+    return eqn.primitive.name == "scan"
+
+
+def moves_per_iteration(producer: Any, v: Var, readers: list[Any], read_as: Var) -> bool:
+    """Whether `v`, made by the equation `producer`, is a stacked output of a scan
+    that one scan of the same length reads (as `read_as`) only as a stacked input.
+    Then each iteration's slice can go to host as it is made and come back for the
+    iteration that reads it, and the stacked array never exists on device."""
+    if not is_scan(producer) or v not in producer.outvars[producer.params["num_carry"] :]:
+        return False
+    if len(readers) != 1 or not is_scan(readers[0]):
+        return False
+    reader = readers[0]
+    first_stacked = reader.params["num_consts"] + reader.params["num_carry"]
+    at = [i for i, x in enumerate(reader.invars) if x is read_as]
+    return (
+        len(at) == 1
+        and at[0] >= first_stacked
+        and reader.params["length"] == producer.params["length"]
+    )
+
+
 def residual_record(
     k: int,
     v: Var,
@@ -209,6 +271,7 @@ def residual_record(
     last_backward_use: int,
     input_index: dict[Var, int],
     recipe: Recipe | None = None,
+    per_iteration: bool = False,
 ) -> ResidualUsage:
     """The record of residual `k`, the variable `v` of `jaxpr` (forward or whole step)."""
     aval = v.aval
@@ -229,6 +292,7 @@ def residual_record(
         recomputable=recipe is not None,
         offloadable=not is_extended(aval.dtype) and not on_host(aval),
         memory="host" if on_host(aval) else "device",
+        per_iteration=per_iteration,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 from jax import lax
+from lowering import placements_in_loops
 from test_core import ALL, assert_trees_equal, host_puts
 
 import hetjax
@@ -142,6 +143,21 @@ def test_step_jaxpr_and_gpu_lowering_place_in_host():
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "annotate_device_placement" in text
     assert '_xla_buffer_placement = "pinned_host"' in text
+
+
+def test_scan_step_moves_per_iteration():
+    """Scan over layers in a train step: the stacked residuals move slice by slice,
+    inside the forward and the backward loops, and the report says so."""
+    params, x = scan_params()
+    tx = optax.adam(1e-2)
+    step = optax_step(scan_loss, tx)
+    args = (params, tx.init(params), x)
+    report = hetjax.analyze(step, *args, **ALL)
+    stacked = [r for r in report.residuals if r.primitive == "scan"]
+    assert stacked and {r.move for r in stacked} == {"per-iteration"}
+    text = jax.jit(hetjax.het_offload(step, **ALL)).trace(*args)
+    text = text.lower(lowering_platforms=("cuda",)).as_text()
+    assert {"pinned_host", "device"} <= placements_in_loops(text)
 
 
 def test_step_record_positions():
