@@ -312,3 +312,77 @@ def test_flax_linen_train_state_bitwise():
         return s.step, s.params, s.opt_state, losses
 
     assert_trees_equal(run(jax.jit(hetjax.het_offload(step, **ALL))), run(jax.jit(step)))
+
+
+# Scan over layers with flax --------------------------------------------------------
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(16)(h)), None
+
+
+class LinenScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4
+        )
+        h, _ = blocks()(x, None)
+        return jnp.mean(h**2)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, h):
+        return jnp.tanh(self.linear(h))
+
+
+class NnxScanNet(nnx.Module):
+    def __init__(self, layers=4):
+        make = nnx.vmap(lambda key: NnxBlock(nnx.Rngs(key)))
+        self.blocks = make(jax.random.split(jax.random.key(0), layers))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(block, h):
+            return block(h)
+
+        return jnp.mean(body(self.blocks, x) ** 2)
+
+
+def test_linen_scan_step_bitwise_and_per_iteration():
+    net, x = LinenScanNet(), jax.random.normal(jax.random.key(1), (8, 16))
+    tx = optax.adam(1e-2)
+
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(net.apply)(params, x)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = net.init(jax.random.key(0), x)
+    moves = {r.move for r in hetjax.analyze(step, params, tx.init(params), x, **ALL).residuals
+             if r.primitive == "scan"}  # fmt: skip
+    assert moves == {"per-iteration"}
+    expected = run_steps(jax.jit(step), params, tx.init(params), x)
+    got = run_steps(jax.jit(hetjax.het_offload(step, **ALL)), params, tx.init(params), x)
+    assert_trees_equal(got, expected)
+
+
+def test_nnx_scan_step_bitwise_and_per_iteration():
+    def run(step):
+        model = NnxScanNet()
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+        x = jax.random.normal(jax.random.key(1), (8, 16))
+        losses = [step(model, optimizer, x) for _ in range(STEPS)]
+        return nnx.state(model), nnx.state(optimizer), losses
+
+    model = NnxScanNet()
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    report = hetjax.analyze(nnx_train_step, model, optimizer, jnp.ones((8, 16)), **ALL)
+    assert {r.move for r in report.residuals if r.primitive == "scan"} == {"per-iteration"}
+    expected = run(nnx.jit(nnx_train_step))
+    assert_trees_equal(run(nnx.jit(hetjax.het_offload(nnx_train_step, **ALL))), expected)
