@@ -30,7 +30,7 @@ from jax import lax
 
 from ._compat import Literal, Var, bind_eqn, eval_jaxpr, inner_name_stack
 from ._plan import Plan
-from ._usage import Usage
+from ._usage import Recipe, Usage
 
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
@@ -206,25 +206,10 @@ def run_backward(
             fetch(k)
         if k not in value:  # recompute from inputs and other residuals
             recipe = usage.recipes[k]
-            anchors = [materialize(a) for a in recipe.residual_anchors]
-            anchors += [input_value[i] for i in recipe.input_anchors]
-            if recent[0] is not None:
-                # Keeps XLA from merging this with the forward's copy (CSE) and
-                # from hoisting it out of the backward.
-                anchors, _ = _tie(anchors, recent[0])
             fwd = program.forward.jaxpr
-            local: dict[Any, Any] = {}
-            local.update(zip([res_vars[a] for a in recipe.residual_anchors], anchors))
-            local.update(
-                zip([fwd.invars[i] for i in recipe.input_anchors],
-                    anchors[len(recipe.residual_anchors) :])
-            )  # fmt: skip
-            local.update(zip(fwd.constvars, program.forward.consts, strict=True))
-            for e in recipe.eqns:
-                eqn = fwd.eqns[e]
-                outs = bind_eqn(eqn, [read_atom(local, v) for v in eqn.invars])
-                local.update(zip(eqn.outvars, outs))
-            value[k] = local[res_vars[k]]
+            anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
+            anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
+            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, recent[0])
         return value[k]
 
     def read(v: Any) -> Any:
@@ -253,6 +238,22 @@ def run_backward(
         if outs and hasattr(outs[0], "shape"):
             recent[0] = outs[0]
     return [read(v) for v in jaxpr.outvars]
+
+
+def replay(eqns: Sequence[Any], recipe: Recipe, target: Var, anchors: dict, after: Any) -> Any:
+    """Rebuild `target` in the backward: run `recipe`'s equations (indices into `eqns`)
+    on the `anchors` (variable -> value), tied to the value `after` first."""
+    if after is not None:
+        # Keeps XLA from merging this with the forward's copy (CSE) and from hoisting
+        # it out of the backward.
+        tied, _ = _tie(list(anchors.values()), after)
+        anchors = dict(zip(anchors, tied, strict=True))
+    local = dict(anchors)
+    for e in recipe.eqns:
+        eqn = eqns[e]
+        outs = bind_eqn(eqn, [read_atom(local, v) for v in eqn.invars])
+        local.update(zip(eqn.outvars, outs, strict=True))
+    return local[target]
 
 
 def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:

@@ -29,8 +29,16 @@ from ._compat import (
     sub_jaxprs,
 )
 from ._plan import Plan, warn_once
-from ._rewrite import DEVICE, HOST, PinQueue, read_atom, scan_from_host, scan_to_host
-from ._usage import Usage, def_use, eqns_reading, moves_per_iteration, residual_record
+from ._rewrite import DEVICE, HOST, PinQueue, read_atom, replay, scan_from_host, scan_to_host
+from ._usage import (
+    Recipe,
+    Usage,
+    def_use,
+    eqns_reading,
+    moves_per_iteration,
+    recipe_for,
+    residual_record,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +121,14 @@ def step_usage(program: StepProgram) -> Usage:
             if isinstance(v, Var):
                 uses.setdefault(v, []).append(i)
     input_index = {v: i for i, v in enumerate((*jaxpr.constvars, *jaxpr.invars))}
+    residual_of = {v: k for k, v in enumerate(program.residual_vars)}
     readers = eqns_reading(jaxpr.eqns)
+    recipes: dict[int, Recipe] = {}
     records = []
     for k, v in enumerate(program.residual_vars):
+        recipe = recipe_for(jaxpr, v, producer, input_index, residual_of)
+        if recipe is not None:
+            recipes[k] = recipe
         fwd = [i for i in uses[v] if i < boundary]
         bwd = [i for i in uses[v] if i >= boundary]
         last_bwd = end if v in jaxpr.outvars else bwd[-1]
@@ -129,14 +142,14 @@ def step_usage(program: StepProgram) -> Usage:
                 first_backward_use=bwd[0],
                 last_backward_use=last_bwd,
                 input_index=input_index,
+                recipe=recipe,
                 per_iteration=sliceable,
             )
         )  # fmt: skip
-    # TODO: recompute in the step form; every record here is keep or offload.
     return Usage(
         program=program,
         residuals=tuple(records),
-        recipes={},
+        recipes=recipes,
         eqns=tuple(jaxpr.eqns),
         boundary=boundary,
         buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
@@ -167,6 +180,10 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     read_sliced: dict[int, list[Var]] = {}
     to_host = PinQueue()  # host copies waiting for their forward pin
     to_device = PinQueue()  # host copies waiting for their backward pin
+    rebuild: dict[int, list[int]] = {}  # first backward use -> residuals recomputed there
+    for r in plan.residuals:
+        if r.decision == "recompute":
+            rebuild.setdefault(r.first_backward_use, []).append(r.index)
     for r in plan.offloaded:
         v = res_vars[r.index]
         if r.per_iteration:
@@ -177,6 +194,23 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         to_host.schedule(r.offload_by, v)
         to_device.schedule(r.prefetch_at, v)
 
+    inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
+    rebuilt: set[int] = set()
+
+    def recompute(k: int) -> None:
+        """Rebuild residual `k` for the backward (and first any recomputed anchor), so
+        the forward's value dies at its last forward use."""
+        if k in rebuilt:
+            return
+        rebuilt.add(k)
+        recipe = usage.recipes[k]
+        for a in recipe.residual_anchors:
+            if plan.residuals[a].decision == "recompute":
+                recompute(a)
+        anchors = {res_vars[a]: env[res_vars[a]] for a in recipe.residual_anchors}
+        anchors.update((inputs_of[a], env[inputs_of[a]]) for a in recipe.input_anchors)
+        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, env.get(recent))
+
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, closed.consts, strict=True))
     env.update(zip(jaxpr.invars, inputs, strict=True))
@@ -186,6 +220,8 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         to_host.pin_at(i, eqn, env, host)
         for v in to_device.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
             env[v] = jax.device_put(host.pop(v), DEVICE)
+        for k in rebuild.get(i, ()):
+            recompute(k)
         invals = [read_atom(env, v) for v in eqn.invars]
         if i in made_sliced:
             outs = scan_to_host(eqn, invals, made_sliced[i])

@@ -155,7 +155,7 @@ def residual_usage(program: VjpProgram) -> Usage:
             records.append(_constant_record(k, aval, num_fwd + num_bwd))
             continue
         p = producer.get(v, -1)
-        recipe = None if p < 0 else _recipe(fwd, v, producer, input_index, residual_of)
+        recipe = None if p < 0 else recipe_for(fwd, v, producer, input_index, residual_of)
         if recipe is not None:
             recipes[k] = recipe
         read_as = bwd_res_invars[k]
@@ -320,7 +320,7 @@ def _aliases_input(fwd: Any, v: Var, producer: dict, input_index: dict) -> bool:
     return True
 
 
-def _recipe(
+def recipe_for(
     fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
 ) -> Recipe | None:
     """The cheap forward equations that rebuild `target` from inputs and residuals."""

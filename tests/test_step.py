@@ -179,17 +179,23 @@ def test_step_record_positions():
         assert usage.boundary <= r.prefetch_at <= r.first_backward_use
 
 
-def test_step_view_of_input_marked_and_kept():
+def test_step_view_of_input_and_cheap_residuals_recomputed():
     def loss(w, x):
         return jnp.sum(jnp.tanh(x @ w.T))  # w.T: a view of an input, used by the backward
 
     def step(w, x):
         return jax.grad(loss, argnums=(0, 1))(w, x)
 
-    w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
+    w, x = jnp.full((8, 8), 0.1), jnp.ones((4, 8))
     _, plan = usage_and_plan(step, (w, x), {}, OPTIONS)
     views = [r for r in plan.residuals if r.is_input]
-    assert views and all(r.decision == "keep" for r in views)
+    assert views and all(r.decision == "recompute" for r in views)
+    # The `1 - y` of tanh too: rebuilt in the backward from `y`, never moved.
+    decisions = {r.primitive: r.decision for r in plan.residuals}
+    assert decisions["sub"] == "recompute" and decisions["tanh"] == "offload"
+    jaxpr = str(jax.make_jaxpr(hetjax.het_offload(step, **ALL))(w, x))
+    assert jaxpr.count("transpose[") == str(jax.make_jaxpr(step)(w, x)).count("transpose[") + 1
+    assert_trees_equal(jax.jit(hetjax.het_offload(step, **ALL))(w, x), jax.jit(step)(w, x))
 
 
 def test_no_retrace_on_second_call():
