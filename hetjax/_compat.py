@@ -56,18 +56,31 @@ def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
 
 
 def inlinable_call(eqn: JaxprEqn) -> bool:
-    """A nested `jit` whose inlining changes nothing: no shardings, layouts or
-    compiler options of its own (primitive `pjit` before jax 0.7, `jit` since)."""
+    """A nested `jit` that can be inlined: no layouts or compiler options of its own,
+    and shardings, if any, concrete (`call_shardings` keeps them as constraints).
+    The primitive is `pjit` before jax 0.7, `jit` since."""
     if eqn.primitive.name not in ("pjit", "jit") or "jaxpr" not in eqn.params:
         return False
     p = eqn.params
     shardings = (*p.get("in_shardings", ()), *p.get("out_shardings", ()))
     layouts = (*p.get("in_layouts", ()), *p.get("out_layouts", ()))
     return (
-        all(isinstance(s, sharding_impls.UnspecifiedValue) for s in shardings)
+        all(isinstance(s, (sharding_impls.UnspecifiedValue, jax.sharding.Sharding))
+            for s in shardings)
         and all(x is None for x in layouts)
         and not p.get("compiler_options_kvs")
-    )
+    )  # fmt: skip
+
+
+def call_shardings(eqn: JaxprEqn) -> tuple[list[Any], list[Any]]:
+    """The shardings a nested `jit` names for its inputs and outputs (None where it
+    names none)."""
+
+    def named(s: Any) -> Any:
+        return None if isinstance(s, sharding_impls.UnspecifiedValue) else s
+
+    p = eqn.params
+    return [named(s) for s in p["in_shardings"]], [named(s) for s in p["out_shardings"]]
 
 
 def inner_name_stack(eqn: JaxprEqn) -> Any:

@@ -22,6 +22,7 @@ from ._compat import (
     Jaxpr,
     Var,
     bind_eqn,
+    call_shardings,
     inlinable_call,
     inner_name_stack,
     is_transpose,
@@ -56,10 +57,11 @@ def holds_backward(jaxpr: Jaxpr) -> bool:
 
 
 def inline_calls(jaxpr: Jaxpr, inputs: Sequence[Any]) -> ClosedJaxpr:
-    """`jaxpr` with its plain `jit` calls inlined, recursively, with fresh variables.
+    """`jaxpr` with its nested `jit` calls inlined, recursively, with fresh variables.
 
-    Inside an outer trace a nested `jit` has no meaning of its own: its shardings
-    are unspecified (others are left alone) and donation does not apply.
+    Inside an outer trace a nested `jit` is a scope, not a program: donation does not
+    apply, and the shardings it names are kept as sharding constraints. Calls with
+    layouts or compiler options of their own are left alone.
     """
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
     return jax.make_jaxpr(lambda *xs: _eval_inlined(jaxpr, [], xs))(*avals)
@@ -73,12 +75,22 @@ def _eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> l
         invals = [read_atom(env, v) for v in eqn.invars]
         if inlinable_call(eqn):
             inner = eqn.params["jaxpr"]
+            in_shardings, out_shardings = call_shardings(eqn)
             with inner_name_stack(eqn):
-                outs = _eval_inlined(inner.jaxpr, inner.consts, invals)
+                invals = _constrain(invals, in_shardings)
+                outs = _constrain(_eval_inlined(inner.jaxpr, inner.consts, invals), out_shardings)
         else:
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read_atom(env, v) for v in jaxpr.outvars]
+
+
+def _constrain(values: list[Any], shardings: list[Any]) -> list[Any]:
+    """A call's named shardings, kept as sharding constraints when it is inlined."""
+    return [
+        x if s is None else jax.lax.with_sharding_constraint(x, s)
+        for x, s in zip(values, shardings, strict=True)
+    ]
 
 
 def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:

@@ -133,6 +133,27 @@ def test_nested_jit_of_gradient_is_inlined():
     assert_trees_equal(jax.jit(decorated)(params, x), jax.jit(nested_jit_step)(params, x))
 
 
+def test_nested_jit_with_shardings_is_inlined_with_constraints():
+    """A nested jit that names shardings: inlined, its shardings kept as constraints."""
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    inner = jax.jit(jax.value_and_grad(mlp_loss), in_shardings=replicated,
+                    out_shardings=replicated)  # fmt: skip
+
+    def step(params, x):
+        loss, grads = inner(params, x)
+        return loss, jax.tree.map(lambda w, g: w - 0.1 * g, params, grads)
+
+    params, x = mlp_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "backward inside 'jit'" warning
+        decorated = jax.jit(hetjax.het_offload(step, **ALL))
+        got = decorated(params, x)
+    assert_trees_equal(got, jax.jit(step)(params, x))
+    jaxpr = str(jax.make_jaxpr(hetjax.het_offload(step, **ALL))(params, x))
+    assert host_puts(jaxpr) >= 2 and "sharding_constraint" in jaxpr
+
+
 def test_step_jaxpr_and_gpu_lowering_place_in_host():
     params, x = mlp_params()
     tx = optax.adam(1e-2)
