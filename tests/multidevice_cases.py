@@ -279,6 +279,36 @@ def test_planner_counts_shard_bytes(setup: Setup) -> None:
     assert [r.nbytes for r in from_shapes.residuals] == [r.nbytes for r in report.residuals]
 
 
+@pytest.mark.parametrize("kind", ["with_sharding_constraint", "nested jit out_shardings"])
+def test_sharding_annotations_inside_the_loss(kind: str) -> None:
+    """Auto axes, with the user's own sharding annotations inside the loss."""
+    setup = Setup("fsdp", "auto")
+    rows = NamedSharding(setup.mesh, P("data", None))
+    first = jax.jit(lambda w, x: jnp.tanh(x @ w), out_shardings=rows)
+
+    def annotated(p: dict, x: jax.Array) -> jax.Array:
+        if kind == "with_sharding_constraint":
+            h = jax.lax.with_sharding_constraint(jnp.tanh(x @ p["w1"]), rows)
+        else:
+            h = first(p["w1"], x)
+        h = jnp.tanh(h @ p["w2"])
+        return jnp.mean((h @ p["w3"]) ** 2)
+
+    setup.loss = annotated
+    p, x = setup.params, setup.x
+    plain = setup.grad(annotated).lower(p, x).compile()
+    het = setup.grad(hetjax.het_offload(annotated, **ALL)).lower(p, x).compile()
+    assert_same(het(p, x), plain(p, x))
+    assert collectives(het) == collectives(plain)
+    args = setup.step_args()
+    plain = setup.train_step(False).lower(*args).compile()
+    het = setup.train_step(True).lower(*args).compile()
+    assert_same(het(*args), plain(*args))
+    assert collectives(het) == collectives(plain)
+    step = hetjax.het_offload(setup.train_step(False).__wrapped__, **ALL)
+    assert_host_moves_keep_sharding(jax.make_jaxpr(step)(*args), explicit=False)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="auto axes: XLA's partitioner shares one all-gather of a residual between its "
