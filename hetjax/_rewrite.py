@@ -12,17 +12,17 @@ a new jaxpr: the original equations, plus
   there and not earlier; recomputed residuals are rebuilt just before first use.
 
 A residual stacked by a `scan` and read by one backward `scan` (`per_iteration`)
-moves inside both loops instead: the forward body puts each iteration's slice to
+moves inside both loops instead: the forward loop puts each iteration's slice to
 host, so the stacked output is a host buffer (XLA writes it with a dynamic-update-
 slice per iteration); the backward loop carries the next iteration's slice, fetched
-from that buffer one iteration ahead of its use.
+from that buffer one iteration ahead of its use (see `HostStack`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,17 @@ from ._usage import Recipe, Usage
 
 HOST = jax.memory.Space.Host
 DEVICE = jax.memory.Space.Device
+
+
+def to_host(x: Any) -> Any:
+    """Copy `x` from device to host memory. The source is named so that the copy's
+    transpose (in a second-order gradient) copies the cotangent back to device."""
+    return jax.device_put(x, HOST, src=DEVICE)
+
+
+def to_device(x: Any) -> Any:
+    """Copy `x` from host back to device memory."""
+    return jax.device_put(x, DEVICE, src=HOST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +137,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
     # Offloaded residuals, by variable: producer eqn -> vars, pinned by position.
     offload_after: dict[int, list[Var]] = {}
     sliced: dict[int, list[Var]] = {}  # scan eqn -> its outputs moved per iteration
-    to_host = PinQueue()
+    host_pins = PinQueue()
     seen: set[Var] = set()
     for r in plan.offloaded:
         v = res_vars[r.index]
@@ -137,7 +148,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             sliced.setdefault(r.produced_at, []).append(v)
             continue
         offload_after.setdefault(r.produced_at, []).append(v)
-        to_host.schedule(r.offload_by, v)
+        host_pins.schedule(r.offload_by, v)
 
     live = _live_eqns(jaxpr, [*jaxpr.outvars[: program.num_outputs], *stored_vars])
     env: dict[Any, Any] = {}
@@ -145,7 +156,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
     env.update(zip(jaxpr.invars, inputs, strict=True))
     host: dict[Var, Any] = {}
     for i, eqn in enumerate(jaxpr.eqns):
-        to_host.pin_at(i, eqn if live[i] else None, env, host)
+        host_pins.pin_at(i, eqn if live[i] else None, env, host)
         if not live[i]:
             continue
         invals = [read_atom(env, v) for v in eqn.invars]
@@ -156,9 +167,9 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         for v in offload_after.get(i, ()):
-            host[v] = jax.device_put(env[v], HOST)
+            host[v] = to_host(env[v])
     outputs = [read_atom(env, v) for v in jaxpr.outvars[: program.num_outputs]]
-    outputs = to_host.pin_to_outputs(outputs, host)  # pinned at the end of the forward
+    outputs = host_pins.pin_to_outputs(outputs, host)  # pinned at the end of the forward
     stored = [host[v] if v in host else read_atom(env, v) for v in stored_vars]
     stored += [inputs[i] for i in layout.inputs]
     return outputs, stored
@@ -199,7 +210,7 @@ def run_backward(
 
     def fetch(k: int) -> None:
         if k in on_host:
-            value[k] = jax.device_put(on_host.pop(k), DEVICE)
+            value[k] = to_device(on_host.pop(k))
 
     def materialize(k: int) -> Any:
         if k not in value:
@@ -271,52 +282,68 @@ def _scan(eqn: Any, body: Any, init: Any, xs: list[Any]) -> tuple[Any, list[Any]
         )
 
 
+class HostStack(NamedTuple):
+    """A scan-stacked residual in host memory, laid out to be read one iteration ahead.
+
+    Forward iteration `f` stores, at its own index, the slice iteration `f - 1` made;
+    the slice of the last iteration is kept apart in `last`. A backward scan runs the
+    other way round, so at each index it finds the slice it needs next, while the
+    one it needs now was fetched one iteration earlier (the first: `last`).
+    """
+
+    shifted: Any  # (length, *slice shape); the first iteration's index holds zeros
+    last: Any  # the slice made by the forward's last iteration
+
+
 def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[Any]:
-    """Evaluate the scan `eqn` with its stacked outputs `moved` built in host memory:
-    each iteration puts its slice to host, so the stack never exists on device."""
+    """Evaluate the scan `eqn` with its stacked outputs `moved` built in host memory,
+    one slice per iteration, as `HostStack`s: the stacks never exist on device.
+
+    Each iteration carries the slice it made to the next one, which copies it to host
+    beside its own compute."""
     body = eqn.params["jaxpr"]
     consts, init, xs = _split_scan(eqn, invals)
     nk = len(init)
-    to_host = [v in moved for v in eqn.outvars[nk:]]
+    moves = [v in moved for v in eqn.outvars[nk:]]
+    held = [jnp.zeros(a.shape, a.dtype)
+            for a, m in zip(body.out_avals[nk:], moves, strict=True) if m]  # fmt: skip
 
-    def iteration(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+    def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
+        carry, held = carry
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
-        ys = [jax.device_put(y, HOST) if m else y for y, m in zip(outs[nk:], to_host, strict=True)]
-        return outs[:nk], ys
+        made = [y for y, m in zip(outs[nk:], moves, strict=True) if m]
+        previous = iter([to_host(h) for h in held])
+        ys = [next(previous) if m else y for y, m in zip(outs[nk:], moves, strict=True)]
+        return (outs[:nk], made), ys
 
-    carry, ys = _scan(eqn, iteration, init, xs)
-    return [*carry, *ys]
+    (carry, last), ys = _scan(eqn, iteration, (init, held), xs)
+    lasts = iter([to_host(h) for h in last])
+    stacks = [HostStack(y, next(lasts)) if m else y for y, m in zip(ys, moves, strict=True)]
+    return [*carry, *stacks]
 
 
 def scan_from_host(eqn: Any, invals: Sequence[Any], from_host: Sequence[bool]) -> list[Any]:
-    """Evaluate the scan `eqn` whose stacked operands flagged in `from_host` are host
-    arrays: the loop carries each one's next slice, fetched to device one iteration
-    ahead of its use, so the copy runs beside the current iteration's compute."""
+    """Evaluate the scan `eqn` whose operands flagged in `from_host` are `HostStack`s
+    made by a scan that ran the other way: the loop carries each one's next slice,
+    fetched to device one iteration ahead of its use, so that copy runs beside the
+    current iteration's compute."""
     body = eqn.params["jaxpr"]
-    length, step = eqn.params["length"], -1 if eqn.params["reverse"] else 1
     consts, init, xs = _split_scan(eqn, invals)
     flags = _split_scan(eqn, from_host)[2]
-    stacks = [x for x, f in zip(xs, flags, strict=True) if f]
-    rest = [x for x, f in zip(xs, flags, strict=True) if not f]
-
-    def fetch(i: Any) -> list[Any]:
-        return [jax.device_put(lax.dynamic_index_in_dim(s, i, keepdims=False), DEVICE)
-                for s in stacks]  # fmt: skip
+    first = [to_device(x.last) for x, f in zip(xs, flags, strict=True) if f]
+    xs = [x.shifted if f else x for x, f in zip(xs, flags, strict=True)]
 
     def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
         carry, ready = carry
-        t, *other = x
-        # TODO: the last iteration fetches its own slice again (clamped index): one
-        # slice of extra traffic per scan, cheaper than a cond around the copy.
-        ahead = fetch(lax.clamp(0, t + step, length - 1))
-        slices, others = iter(ready), iter(other)
-        x = [next(slices) if f else next(others) for f in flags]
+        # TODO: the last iteration fetches the zeros slice: one slice of extra traffic
+        # per scan, cheaper than a cond around the copy.
+        ahead = [to_device(s) for s, f in zip(x, flags, strict=True) if f]
+        now = iter(ready)
+        x = [next(now) if f else s for s, f in zip(x, flags, strict=True)]
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
         return (outs[: len(init)], ahead), outs[len(init) :]
 
-    first = fetch(length - 1 if step < 0 else 0)
-    index = jnp.arange(length, dtype=jnp.int32)
-    (carry, _), ys = _scan(eqn, iteration, (init, first), [index, *rest])
+    (carry, _), ys = _scan(eqn, iteration, (init, first), xs)
     return [*carry, *ys]
 
 

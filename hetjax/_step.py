@@ -30,7 +30,15 @@ from ._compat import (
     sub_jaxprs,
 )
 from ._plan import Plan, warn_once
-from ._rewrite import DEVICE, HOST, PinQueue, read_atom, replay, scan_from_host, scan_to_host
+from ._rewrite import (
+    PinQueue,
+    read_atom,
+    replay,
+    scan_from_host,
+    scan_to_host,
+    to_device,
+    to_host,
+)
 from ._usage import (
     Recipe,
     Usage,
@@ -190,8 +198,8 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     # position of each scan.
     made_sliced: dict[int, list[Var]] = {}
     read_sliced: dict[int, list[Var]] = {}
-    to_host = PinQueue()  # host copies waiting for their forward pin
-    to_device = PinQueue()  # host copies waiting for their backward pin
+    host_pins = PinQueue()  # host copies waiting for their forward pin
+    device_pins = PinQueue()  # host copies waiting for their backward pin
     rebuild: dict[int, list[int]] = {}  # first backward use -> residuals recomputed there
     for r in plan.residuals:
         if r.decision == "recompute":
@@ -203,8 +211,8 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             read_sliced.setdefault(r.first_backward_use, []).append(v)
             continue
         produced.setdefault(r.produced_at, []).append(v)
-        to_host.schedule(r.offload_by, v)
-        to_device.schedule(r.prefetch_at, v)
+        host_pins.schedule(r.offload_by, v)
+        device_pins.schedule(r.prefetch_at, v)
 
     inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
     rebuilt: set[int] = set()
@@ -229,9 +237,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     host: dict[Var, Any] = {}
     recent = None  # the latest value computed: an anchor when an equation has none
     for i, eqn in enumerate(jaxpr.eqns):
-        to_host.pin_at(i, eqn, env, host)
-        for v in to_device.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
-            env[v] = jax.device_put(host.pop(v), DEVICE)
+        host_pins.pin_at(i, eqn, env, host)
+        for v in device_pins.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
+            env[v] = to_device(host.pop(v))
         for k in rebuild.get(i, ()):
             recompute(k)
         invals = [read_atom(env, v) for v in eqn.invars]
@@ -244,6 +252,6 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         env.update(zip(eqn.outvars, outs, strict=True))
         recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
         for v in produced.get(i, ()):
-            host[v] = jax.device_put(env[v], HOST)
+            host[v] = to_host(env[v])
     outputs = [read_atom(env, v) for v in jaxpr.outvars]
-    return to_host.pin_to_outputs(outputs, host)
+    return host_pins.pin_to_outputs(outputs, host)

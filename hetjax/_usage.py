@@ -243,7 +243,8 @@ def is_scan(eqn: Any) -> bool:
 
 def moves_per_iteration(producer: Any, v: Var, readers: list[Any], read_as: Var) -> bool:
     """Whether `v`, made by the equation `producer`, is a stacked output of a scan
-    that one scan of the same length reads (as `read_as`) only as a stacked input.
+    that one scan of the same length, running the other way (as a transposed scan
+    does), reads (as `read_as`) only as a stacked input.
     Then each iteration's slice can go to host as it is made and come back for the
     iteration that reads it, and the stacked array never exists on device."""
     if not is_scan(producer) or v not in producer.outvars[producer.params["num_carry"] :]:
@@ -257,6 +258,7 @@ def moves_per_iteration(producer: Any, v: Var, readers: list[Any], read_as: Var)
         len(at) == 1
         and at[0] >= first_stacked
         and reader.params["length"] == producer.params["length"]
+        and reader.params["reverse"] != producer.params["reverse"]  # reads last slice first
     )
 
 
