@@ -54,8 +54,14 @@ def het_offload(
     residual the plan picks is copied to host memory right after it is produced and
     copied back just before its first backward use; both copies are pinned so XLA
     cannot fold or move them. Cheap residuals (views and elementwise functions of
-    values the backward has anyway) are recomputed instead of stored. Values and
-    gradients are those of `fun`: bitwise equal where only data moves.
+    values the backward has anyway) are recomputed instead of stored. A residual
+    that a `scan` stacks (one slice per layer) moves one slice per iteration, inside
+    the forward and backward loops. Values and gradients are those of `fun`: bitwise
+    equal where only data moves.
+
+    `fun` may be a loss (differentiated outside) or a whole train step that takes
+    the gradient inside (`jax.value_and_grad`, `nnx.value_and_grad`, optax, flax nnx
+    graph objects as arguments); the step's forward-to-backward crossings are moved.
 
     Args:
       fun: the function to transform. Any pytrees of arrays in and out; non-array
