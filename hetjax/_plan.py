@@ -240,7 +240,9 @@ def _with_pins(
     by_index = {r.index: r for r in usage.residuals}
     need = _first_need(by_index, decided, usage)
     moved = [r for r in usage.residuals if decided[r.index] == "offload"]
-    end_fwd = usage.boundary
+    def backward_from(r: ResidualUsage) -> int:
+        return usage.boundary if r.backward_from is None else r.backward_from
+
     pins: dict[int, dict[str, int]] = {r.index: {} for r in moved}
 
     link_free = 0.0
@@ -250,6 +252,7 @@ def _with_pins(
         link_free = max(clock[r.produced_at + 1], link_free) + profile.d2h_seconds(r.nbytes)
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
+        end_fwd = backward_from(r)
         pos = min(pos, later[0] + 1 if later else end_fwd)
         pins[r.index]["offload_by"] = int(np.clip(pos, r.last_forward_use + 1, end_fwd))
 
@@ -260,6 +263,7 @@ def _with_pins(
         link_busy_from = min(clock[at], link_busy_from) - profile.h2d_seconds(r.nbytes)
         pos = int(np.searchsorted(clock, link_busy_from, side="right")) - 1
         earlier = [n for n in needs if n < at]
+        end_fwd = backward_from(r)
         pos = max(pos, earlier[-1] if earlier else end_fwd)
         pins[r.index]["prefetch_at"] = int(np.clip(pos, end_fwd, at))
 

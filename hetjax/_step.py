@@ -4,9 +4,10 @@ A train step's jaxpr holds its forward and its backward pass in one program; JAX
 marks the backward equations with "transpose(" in their name stack. Top-level
 `jit` calls are inlined first, so a crossing inside one (a nested `jax.jit` of a
 gradient) becomes visible. The residuals are the values that forward equations
-define and equations from the first backward one on use. They get the same
-records, planner and pins as the loss form; `run_step` evaluates the one program
-with the moves inserted. No `custom_vjp` is involved.
+define and backward equations read (a step that takes several gradients has one
+set per backward pass). They get the same records, planner and pins as the loss
+form; `run_step` evaluates the one program with the moves inserted. No
+`custom_vjp` is involved.
 """
 
 from __future__ import annotations
@@ -116,11 +117,14 @@ def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:
             "the residuals inside it stay on device."
         )
     producer, _ = def_use(eqns)
+    # Read by a backward equation, made by a forward one: a step that takes several
+    # gradients has a crossing from each forward pass to its backward pass.
     crossing: dict[Var, None] = {}
     for eqn in eqns[boundary:]:
-        for v in eqn.invars:
-            if isinstance(v, Var) and producer.get(v, boundary) < boundary:
-                crossing[v] = None
+        if is_transpose(eqn):
+            for v in eqn.invars:
+                if isinstance(v, Var) and v in producer and not is_transpose(eqns[producer[v]]):
+                    crossing[v] = None
     ordered = sorted(crossing, key=lambda v: producer[v])
     return StepProgram(closed, tuple(ordered), boundary)
 
@@ -145,25 +149,29 @@ def step_usage(program: StepProgram) -> Usage:
     readers = eqns_reading(jaxpr.eqns)
     recipes: dict[int, Recipe] = {}
     records = []
+    backward = [is_transpose(e) for e in jaxpr.eqns]
     for k, v in enumerate(program.residual_vars):
         recipe = recipe_for(jaxpr, v, producer, input_index, residual_of)
         if recipe is not None:
             recipes[k] = recipe
-        fwd = [i for i in uses[v] if i < boundary]
-        bwd = [i for i in uses[v] if i >= boundary]
-        last_bwd = end if v in jaxpr.outvars else bwd[-1]
+        first_bwd = next(i for i in uses[v] if backward[i])
+        fwd = [i for i in uses[v] if i < first_bwd]
+        last_fwd = max([producer[v], *fwd])
+        last_bwd = end if v in jaxpr.outvars else uses[v][-1]
         sliceable = v not in jaxpr.outvars and moves_per_iteration(
             jaxpr.eqns[producer[v]], v, readers[v], v
         )
         records.append(
             residual_record(
                 k, v, jaxpr, producer,
-                last_forward_use=max([producer[v], *fwd]),
-                first_backward_use=bwd[0],
+                last_forward_use=last_fwd,
+                first_backward_use=first_bwd,
                 last_backward_use=last_bwd,
                 input_index=input_index,
                 recipe=recipe,
                 per_iteration=sliceable,
+                # the start of the backward pass that reads it
+                backward_from=backward.index(True, last_fwd + 1),
             )
         )  # fmt: skip
     return Usage(

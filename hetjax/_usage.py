@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from ._compat import Var, is_extended, nbytes, on_host, source_line
+from ._compat import Var, is_extended, nbytes, on_host, source_line, sub_jaxprs
 from ._trace import VjpProgram
 
 Decision = Literal["keep", "offload", "recompute"]
@@ -27,6 +27,10 @@ ELEMENTWISE_PRIMITIVES = frozenset(
     and or not""".split()
 )
 CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES
+# A parameter gathered or laid out anew (FSDP's `reshard` of a weight) is still a
+# copy of an input: kept on device as plain JAX keeps it, not moved, and not
+# recomputed, which would add a collective to the backward.
+LAYOUT_PRIMITIVES = frozenset({"reshard", "sharding_constraint", "mesh_cast"})
 MAX_RECOMPUTE_EQNS = 8
 
 
@@ -61,6 +65,9 @@ class ResidualUsage:
     # A stacked output of a forward `scan` read only as a stacked input of one
     # backward `scan`: it can move one iteration's slice at a time.
     per_iteration: bool = False
+    # Where the backward pass that reads it starts; None: at the record's boundary.
+    # A train step that takes several gradients has one backward pass per gradient.
+    backward_from: int | None = None
     decision: Decision = "keep"
     offload_by: int | None = None
     prefetch_at: int | None = None
@@ -274,6 +281,7 @@ def residual_record(
     input_index: dict[Var, int],
     recipe: Recipe | None = None,
     per_iteration: bool = False,
+    backward_from: int | None = None,
 ) -> ResidualUsage:
     """The record of residual `k`, the variable `v` of `jaxpr` (forward or whole step)."""
     aval = v.aval
@@ -295,6 +303,7 @@ def residual_record(
         offloadable=not is_extended(aval.dtype) and not on_host(aval),
         memory="host" if on_host(aval) else "device",
         per_iteration=per_iteration,
+        backward_from=backward_from,
     )
 
 
@@ -308,13 +317,13 @@ def _constant_record(k: int, aval: Any, end: int) -> ResidualUsage:
 
 
 def _aliases_input(fwd: Any, v: Var, producer: dict, input_index: dict) -> bool:
-    """Whether `v` is a view (slice, reshape, convert, ...) of a function input."""
+    """Whether `v` is a view (slice, reshape, convert, reshard...) of a function input."""
     while v not in input_index:
         p = producer.get(v)
         if p is None:
             return False
         eqn = fwd.eqns[p]
-        if str(eqn.primitive) not in VIEW_PRIMITIVES:
+        if str(eqn.primitive) not in VIEW_PRIMITIVES | LAYOUT_PRIMITIVES:
             return False
         v = eqn.invars[0]
         if not isinstance(v, Var):
@@ -345,7 +354,10 @@ def recipe_for(
         if p in eqns:
             continue
         eqn = fwd.eqns[p]
-        if str(eqn.primitive) not in CHEAP_PRIMITIVES or eqn.effects:
+        # Cheap: a view or elementwise op, or a constant made from literals alone
+        # (such as the `reshard 1.0` of explicit sharding).
+        constant = not any(isinstance(x, Var) for x in eqn.invars) and not sub_jaxprs(eqn)
+        if (str(eqn.primitive) not in CHEAP_PRIMITIVES and not constant) or eqn.effects:
             return None
         eqns.add(p)
         if len(eqns) > MAX_RECOMPUTE_EQNS:

@@ -279,6 +279,23 @@ def test_planner_counts_shard_bytes(setup: Setup) -> None:
     assert [r.nbytes for r in from_shapes.residuals] == [r.nbytes for r in report.residuals]
 
 
+def test_gathered_weights_stay_and_cheap_residuals_are_recomputed(setup: Setup) -> None:
+    """FSDP's gathered copy of a weight (an explicit `reshard`) is a copy of an input:
+    kept on device as plain JAX keeps it. Moving it would waste the link; recomputing
+    it would add a gather to the backward. The `1 - y` of tanh, built from a
+    resharded literal under explicit axes, is still recomputed."""
+    report = hetjax.analyze(setup.loss, setup.params, setup.x, **ALL)
+    decision = {}
+    for r in report.residuals:
+        decision.setdefault(r.primitive, set()).add(r.decision)
+    gathers = setup.loss.keywords["use"] is not None  # explicit FSDP reshards weights
+    assert ("reshard" in decision) == gathers
+    if gathers:
+        assert decision["reshard"] == {"keep"}
+    assert decision["sub"] == {"recompute"}
+    assert decision["tanh"] == {"offload"}
+
+
 @pytest.mark.parametrize("kind", ["with_sharding_constraint", "nested jit out_shardings"])
 def test_sharding_annotations_inside_the_loss(kind: str) -> None:
     """Auto axes, with the user's own sharding annotations inside the loss."""

@@ -133,6 +133,27 @@ def test_nested_jit_of_gradient_is_inlined():
     assert_trees_equal(jax.jit(decorated)(params, x), jax.jit(nested_jit_step)(params, x))
 
 
+def test_step_with_two_gradients_moves_both():
+    """Two gradients in one step: each forward pass's residuals cross to its own
+    backward pass, and both sets move, pinned within their own pass."""
+
+    def step(params, x):
+        g1 = jax.grad(mlp_loss)(params, x)
+        g2 = jax.grad(lambda p: 2.0 * mlp_loss(p, jnp.sin(x)))(params)
+        return jax.tree.map(lambda w, a, b: w - 0.1 * (a + b), params, g1, g2)
+
+    params, x = mlp_params()
+    usage, plan = usage_and_plan(step, (params, x), {}, OPTIONS)
+    passes = {r.backward_from for r in plan.offloaded}
+    assert len(passes) == 2 and min(passes) == usage.boundary
+    for r in plan.offloaded:
+        assert r.last_forward_use < r.offload_by <= r.backward_from <= r.prefetch_at
+        assert r.prefetch_at <= r.first_backward_use
+    decorated = hetjax.het_offload(step, **ALL)
+    assert host_puts(jax.make_jaxpr(decorated)(params, x)) == len(plan.offloaded)
+    assert_trees_equal(jax.jit(decorated)(params, x), jax.jit(step)(params, x))
+
+
 def test_nested_jit_with_shardings_is_inlined_with_constraints():
     """A nested jit that names shardings: inlined, its shardings kept as constraints."""
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
