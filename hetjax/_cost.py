@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import JaxprEqn, nbytes, sub_jaxprs
+from ._compat import JaxprEqn, nbytes, shard_shape, sub_jaxprs
 
 GB = 1e9
 
@@ -90,18 +90,21 @@ def jaxpr_seconds(eqns: Sequence[JaxprEqn], profile: DeviceProfile) -> float:
     return sum(eqn_seconds(e, profile) for e in eqns)
 
 
+# Flops, like bytes, are per device: shapes are shard shapes where the avals carry
+# their sharding (explicit mesh axes), whole shapes otherwise.
+
+
 def _dot_flops(eqn: JaxprEqn) -> float:
-    lhs, rhs = (v.aval for v in eqn.invars)
-    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
-    contract = np.prod([lhs.shape[d] for d in lc], dtype=np.float64)
-    out = np.prod(eqn.outvars[0].aval.shape, dtype=np.float64)
-    del rc, lb, rhs
+    lhs = shard_shape(eqn.invars[0].aval)
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    contract = np.prod([lhs[d] for d in lc], dtype=np.float64)
+    out = np.prod(shard_shape(eqn.outvars[0].aval), dtype=np.float64)
     return 2.0 * float(out) * float(contract)
 
 
 def _conv_flops(eqn: JaxprEqn) -> float:
     rhs: Any = eqn.invars[1].aval
-    out = np.prod(eqn.outvars[0].aval.shape, dtype=np.float64)
+    out = np.prod(shard_shape(eqn.outvars[0].aval), dtype=np.float64)
     # Each output element reads one filter's worth of inputs: kernel size / out features.
     dn = eqn.params["dimension_numbers"]
     out_feature_dim = dn.rhs_spec[0] if dn is not None else 0

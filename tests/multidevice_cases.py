@@ -296,6 +296,18 @@ def test_gathered_weights_stay_and_cheap_residuals_are_recomputed(setup: Setup) 
     assert decision["tanh"] == {"offload"}
 
 
+def test_time_model_counts_flops_per_device(setup: Setup) -> None:
+    """Like bytes, matmul flops are per device where the avals carry shardings."""
+    from hetjax._cost import _dot_flops
+
+    flat = (dict(setup.params), setup.x)
+    dot = next(e for e in jax.make_jaxpr(setup.loss)(*flat).eqns
+               if e.primitive.name == "dot_general")  # fmt: skip
+    whole = 2 * 64 * 16 * 32  # x (64, 16) @ w1 (16, 32)
+    # dp: rows over 8 devices; fsdp: rows over "data" (4), columns over "model" (2).
+    assert _dot_flops(dot) == (whole // 8 if setup.explicit else whole)
+
+
 @pytest.mark.parametrize("kind", ["with_sharding_constraint", "nested jit out_shardings"])
 def test_sharding_annotations_inside_the_loss(kind: str) -> None:
     """Auto axes, with the user's own sharding annotations inside the loss."""

@@ -201,3 +201,23 @@ def test_replace_keeps_frozen_records():
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.decision = "offload"  # type: ignore[misc]
     assert jnp.asarray(r.nbytes) == 100 * MB
+
+
+def test_equation_times_count_matmul_and_conv_flops():
+    from hetjax._cost import DeviceProfile, _conv_flops, _dot_flops, eqn_seconds
+
+    profile = DeviceProfile.for_platform("gpu")
+    m, k, n = 8192, 4096, 2048  # shapes only: nothing is allocated
+    a, b = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
+    dot = jax.make_jaxpr(jnp.matmul)(a, b).eqns[0]
+    assert _dot_flops(dot) == 2 * m * k * n
+    # Big enough to be compute-bound on the default (H200) profile.
+    assert eqn_seconds(dot, profile) == pytest.approx(2 * m * k * n / profile.matmul_flops_per_s)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+    x, w = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), jnp.ones((3, 3, 64, 128))
+    eqn = jax.make_jaxpr(conv)(x, w).eqns[0]
+    assert _conv_flops(eqn) == 2 * (8 * 32 * 32 * 128) * (3 * 3 * 64)  # one 3x3x64 filter
