@@ -74,9 +74,9 @@ class Model:
     optimizer: optax.GradientTransformation = dataclasses.field(default_factory=sgd)
     offload_dots: bool = False
 
-    @property
+    @functools.cached_property
     def loss(self) -> Loss:
-        """The plain loss, no layer wrapped."""
+        """The plain loss, no layer wrapped (one function object per model)."""
         return self.loss_with(identity_layer)
 
 

@@ -1,51 +1,70 @@
 """Benchmark hetjax against plain JAX, JAX remat and JAX's own offload policy.
 
 Usage:
-    python benchmarks/run.py [--model mlp] [--preset tiny|reference]
+    python benchmarks/run.py [--model mlp|cnn|gpt|gpt_scan] [--preset tiny|reference]
                              [--variants plain,jax_remat,...] [--steps 20] [--json PATH]
+                             [--in-process]
 
-Every variant trains the same model with one jitted step (`jax.value_and_grad` + SGD)
+Every variant trains the same model with one jitted step (`jax.value_and_grad` and an
+update by the model's optax optimizer: SGD for mlp and cnn, adamw for gpt and gpt_scan)
 and runs in a fresh Python process, because `peak_bytes_in_use` is a high-water mark
 for the whole process. The worker records, in this order:
   1. the compiled step's `memory_analysis()`: temp, host temp, argument, output bytes;
   2. the median and minimum time of `--steps` steps after `--warmup` steps;
   3. `peak_bytes_in_use` of device 0, read right after timing (None on CPU);
   4. the relative L2 error of the variant's gradient against the plain one, in f32,
-     computed after timing so it cannot inflate the peak.
+     computed after timing so it cannot inflate the peak;
+  5. every `hetjax.HetjaxWarning` raised on the way, in `warnings`.
 
 The default preset is `tiny` on CPU and `reference` elsewhere. On CPU every memory kind
 is the same memory, so figures there check plumbing and numerics, never savings.
+
+The JAX baselines (remat, JAX offload) of the bf16 models can show a `grad_rel_err` of
+bf16 noise although they compute the same gradient (on CPU at the tiny preset: 9e-3 for
+gpt, 1e-1 for cnn with `dots_saveable`): XLA's default `--xla_allow_excess_precision`
+lets each compiled program skip different bf16 roundings. With
+`XLA_FLAGS=--xla_allow_excess_precision=false` (the tests set it) every variant agrees
+bitwise on CPU. The JSON records the `XLA_FLAGS` the workers ran with.
+Setting `JAX_COMPILATION_CACHE_DIR` lets the worker processes share compiled programs
+(the initialisation and the plain gradient are the same in every variant).
+`--in-process` runs every variant in the parent instead: one start-up, one
+initialisation and one plain gradient for all of them, and no `peak_bytes`. It is for
+CPU checks (the tests use it), where there is no peak to measure anyway.
+
 Results go to a table on the terminal, and to JSON with `--json PATH`; on a GPU the JSON
 also goes by default to `benchmarks/results/<model>_<preset>_<device>.json`.
 
 To add a variant, add a builder to `VARIANTS`; to add a model, register it in
-`models.MODELS`. The parent process never imports a JAX backend: it asks a worker
-(`--info`) what the device is, so that it holds no device memory itself.
+`models.MODELS`. Without `--in-process` the parent process never starts a JAX backend:
+it asks a worker (`--info`) what the device is, so that it holds no device memory itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.ad_checkpoint import checkpoint_name
-from models import MODELS, Layer, Loss, Model
+from models import MODELS, Array, Layer, Loss, Model
 
 import hetjax
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LEARNING_RATE = 1e-3
 # hetjax's default min_bytes (1 MiB) is larger than every residual of the tiny presets;
 # there it is 0 so that the tiny runs still move something (on paper: CPU moves nothing).
 TINY_MIN_BYTES = 0
@@ -91,15 +110,30 @@ def name_output(layer: Layer) -> Layer:
 
 
 def jax_offload(model: Model) -> Candidates:
-    """JAX's own offload: every layer output saved to pinned host, nothing else saved."""
-    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+    """JAX's own offload policies on the whole loss.
+
+    Always: every layer output saved to pinned host, nothing else saved. For models
+    made of matmuls (`model.offload_dots`) also `offload_dot_with_no_batch_dims`, which
+    sends every weight matmul's output to pinned host; the worker keeps the candidate
+    with the smaller compiled temp.
+    """
+    names = jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[],
         names_which_can_be_offloaded=["layer_out"],
         offload_src="device",
         offload_dst="pinned_host",
     )
-    loss = jax.checkpoint(model.loss_with(name_output), policy=policy)
-    return {"save_and_offload_only_these_names(layer_out -> pinned_host)": loss}
+    candidates = {
+        "save_and_offload_only_these_names(layer_out -> pinned_host)": jax.checkpoint(
+            model.loss_with(name_output), policy=names
+        )
+    }
+    if model.offload_dots:
+        dots = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        candidates["offload_dot_with_no_batch_dims(device -> pinned_host)"] = jax.checkpoint(
+            model.loss, policy=dots
+        )
+    return candidates
 
 
 def hetjax_with(policy: str) -> Callable[[Model], Candidates]:
@@ -164,6 +198,7 @@ RESULT_KEYS = (
     "step_ms",
     "step_ms_min",
     "grad_rel_err",
+    "warnings",
     "error",
 )
 
@@ -175,13 +210,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def sgd_step(loss: Loss) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """One training step: loss value and SGD-updated params."""
+Step = Callable[[Any, Any, Any], tuple[Any, Any, Any]]
 
-    def step(params: Any, batch: Any) -> tuple[Any, Any]:
+
+def train_step(loss: Loss, optimizer: optax.GradientTransformation) -> Step:
+    """One training step: `(params, opt_state, batch) -> (loss, params, opt_state)`."""
+
+    def step(params: Any, opt_state: Any, batch: Any) -> tuple[Any, Any, Any]:
         value, grads = jax.value_and_grad(loss)(params, batch)
-        new = jax.tree.map(lambda p, g: (p - LEARNING_RATE * g).astype(p.dtype), params, grads)
-        return value, new
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return value, optax.apply_updates(params, updates), opt_state
 
     return step
 
@@ -202,11 +240,16 @@ def memory_fields(compiled: Any) -> dict[str, int | None]:
     }
 
 
-def compile_best(candidates: Candidates, params: Any, batch: Any) -> tuple[str, Loss, Any, dict]:
-    """Compile every candidate's step; keep the one with the smallest temp bytes."""
+def compile_best(
+    candidates: Candidates, optimizer: optax.GradientTransformation, state: tuple, batch: Any
+) -> tuple[str, Loss, Any, dict]:
+    """Compile every candidate's step; keep the one with the smallest temp bytes.
+
+    `state` is `(params, opt_state)`.
+    """
     best = None
     for detail, loss in candidates.items():
-        compiled = jax.jit(sgd_step(loss)).trace(params, batch).lower().compile()
+        compiled = jax.jit(train_step(loss, optimizer)).trace(*state, batch).lower().compile()
         memory = memory_fields(compiled)
         log(f"  compiled {detail}: temp {memory['temp_bytes']} B")
         temp = memory["temp_bytes"] if memory["temp_bytes"] is not None else float("inf")
@@ -216,12 +259,15 @@ def compile_best(candidates: Candidates, params: Any, batch: Any) -> tuple[str, 
     return best[1:]
 
 
-def time_steps(compiled: Any, params: Any, batch: Any, steps: int, warmup: int) -> list[float]:
-    """Milliseconds of each of `steps` steps, after `warmup` untimed ones."""
+def time_steps(compiled: Any, state: tuple, batch: Any, steps: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `steps` steps, after `warmup` untimed ones.
+
+    `state` is `(params, opt_state)`, carried from step to step.
+    """
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        _, params = jax.block_until_ready(compiled(params, batch))
+        _, *state = jax.block_until_ready(compiled(*state, batch))
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return times
@@ -235,40 +281,78 @@ def peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"])
 
 
-def grad_rel_err(reference: Loss, loss: Loss, params: Any, batch: Any) -> float:
-    """`||g - g_ref|| / ||g_ref||` over all gradient leaves, in float32."""
-    g_ref = jax.jit(jax.grad(reference))(params, batch)
-    g = jax.jit(jax.grad(loss))(params, batch)
+@jax.jit
+def rel_l2_error(tree: Any, reference: Any) -> Array:
+    """`||tree - reference|| / ||reference||` over all leaves, in float32, in one program."""
     f32 = jnp.float32
     diff = sum(
         jnp.sum((a.astype(f32) - b.astype(f32)) ** 2)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference), strict=True)
     )
-    norm = sum(jnp.sum(b.astype(f32) ** 2) for b in jax.tree.leaves(g_ref))
-    return float(jnp.sqrt(diff) / jnp.sqrt(norm))
+    norm = sum(jnp.sum(b.astype(f32) ** 2) for b in jax.tree.leaves(reference))
+    return jnp.sqrt(diff) / jnp.sqrt(norm)
+
+
+@functools.cache
+def load_model(model_name: str, preset: str) -> Model:
+    """The model, built once per process (its jitted `init` then compiles once)."""
+    return MODELS[model_name](preset)
+
+
+@functools.cache
+def jitted_grad(loss: Loss) -> Callable[[Any, Any], Any]:
+    """`jax.jit(jax.grad(loss))`, one per loss function (plain's is the reference's)."""
+    return jax.jit(jax.grad(loss))
+
+
+@functools.cache
+def reference_grads(model_name: str, preset: str) -> Any:
+    """The plain loss's gradient at the model's initial params, once per process."""
+    model = load_model(model_name, preset)
+    return jitted_grad(model.loss)(*model.init())
+
+
+def grad_rel_err(g_ref: Any, loss: Loss, params: Any, batch: Any) -> float:
+    """`||g - g_ref|| / ||g_ref||` over all gradient leaves, in float32.
+
+    The variant's gradient is its own jitted program, as the variant would run it.
+    """
+    return float(rel_l2_error(jitted_grad(loss)(params, batch), g_ref))
 
 
 def empty_result(name: str) -> dict[str, Any]:
     return {key: None for key in RESULT_KEYS} | {"name": name}
 
 
-def measure(model_name: str, preset: str, variant: str, steps: int, warmup: int) -> dict:
+def measure(
+    model_name: str, preset: str, variant: str, steps: int, warmup: int, record_peak: bool = True
+) -> dict:
     """One variant's figures; an exception is recorded in `error`, not raised."""
-    result = empty_result(variant)
-    try:
-        model = MODELS[model_name](preset)
-        params, batch = model.init()
-        detail, loss, compiled, memory = compile_best(VARIANTS[variant](model), params, batch)
-        result |= memory | {"detail": detail}
-        log(f"  timing {steps} steps of {detail}")
-        times = time_steps(compiled, params, batch, steps, warmup)
-        result["peak_bytes"] = peak_bytes()
-        result["step_ms"] = statistics.median(times)
-        result["step_ms_min"] = min(times)
-        result["grad_rel_err"] = grad_rel_err(model.loss, loss, params, batch)
-    except Exception as e:  # any failure is a result to report
-        traceback.print_exc(file=sys.stderr)
-        result["error"] = f"{type(e).__name__}: {e}"
+    result = empty_result(variant) | {"warnings": []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hetjax.HetjaxWarning)
+        try:
+            model = load_model(model_name, preset)
+            params, batch = model.init()
+            state = (params, model.optimizer.init(params))
+            candidates = VARIANTS[variant](model)
+            detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
+            result |= memory | {"detail": detail}
+            log(f"  timing {steps} steps of {detail}")
+            times = time_steps(compiled, state, batch, steps, warmup)
+            result["peak_bytes"] = peak_bytes() if record_peak else None
+            result["step_ms"] = statistics.median(times)
+            result["step_ms_min"] = min(times)
+            g_ref = reference_grads(model_name, preset)
+            result["grad_rel_err"] = grad_rel_err(g_ref, loss, params, batch)
+        except Exception as e:  # any failure is a result to report
+            traceback.print_exc(file=sys.stderr)
+            result["error"] = f"{type(e).__name__}: {e}"
+    for w in caught:
+        if issubclass(w.category, hetjax.HetjaxWarning):
+            result["warnings"].append(str(w.message))
+        else:  # other warnings still reach stderr as usual
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return result
 
 
@@ -278,6 +362,7 @@ def device_info() -> dict[str, str]:
         "platform": device.platform,
         "device_kind": device.device_kind,
         "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -304,7 +389,15 @@ def tail(text: str | bytes | None, lines: int = 5) -> str:
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    """One variant in a fresh process; a crash or timeout becomes its `error`."""
+    """One variant in a fresh process; a crash or timeout becomes its `error`.
+
+    With `--in-process` it runs here instead, without a peak (the high-water mark
+    would include every variant before it) and without a timeout.
+    """
+    if args.in_process:
+        # hetjax warns once per message and process; each variant records its own.
+        hetjax._plan._warned.clear()
+        return measure(args.model, args.preset, variant, args.steps, args.warmup, False)
     extra = ["--worker", variant, "--model", args.model, "--preset", args.preset]
     extra += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     result, error = run_worker(extra, args.timeout)
@@ -318,10 +411,11 @@ def mib(value: int | None) -> str:
 def progress_line(r: dict) -> str:
     if r["error"]:
         return f"{r['name']}: ERROR {r['error']}"
+    notes = "".join(f"\n  HetjaxWarning: {w}" for w in r.get("warnings") or [])
     return (
         f"{r['name']}: temp {mib(r['temp_bytes'])} MiB, host temp {mib(r['host_temp_bytes'])} "
         f"MiB, peak {mib(r['peak_bytes'])} MiB, {r['step_ms']:.2f} ms/step, "
-        f"grad rel err {r['grad_rel_err']:.1e} [{r.get('detail', '')}]"
+        f"grad rel err {r['grad_rel_err']:.1e} [{r.get('detail', '')}]{notes}"
     )
 
 
@@ -380,6 +474,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per variant")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every variant in this process: faster (one import, one init, one plain "
+        "gradient), for CPU checks; records no peak_bytes",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--info", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -399,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return 0
 
-    info, error = run_worker(["--info"], args.timeout)
+    info, error = (device_info(), "") if args.in_process else run_worker(["--info"], args.timeout)
     if info is None:
         print(f"could not start a JAX worker: {error}", file=sys.stderr)
         return 2
@@ -412,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = f"{info['device_kind']} ({info['platform']})"
     print(f"{args.model} / {args.preset} on {device}, jax {info['jax_version']}", flush=True)
+    if info["xla_flags"]:
+        print(f"XLA_FLAGS={info['xla_flags']}", flush=True)
     if on_cpu:
         print(CPU_NOTE, flush=True)
 
@@ -426,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "device": device,
             "jax_version": info["jax_version"],
+            "xla_flags": info["xla_flags"],
             "model": args.model,
             "preset": args.preset,
             "config": config,
