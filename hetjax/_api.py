@@ -16,7 +16,7 @@ from ._graph import GraphArgs, is_graph_object
 from ._plan import Plan, Policy, check_options, make_plan
 from ._rewrite import run_backward, run_forward
 from ._step import holds_backward, run_step, step_program, step_usage
-from ._trace import trace_primal, trace_vjp
+from ._trace import calls_a_scan, inline_calls, trace_primal, trace_vjp
 from ._usage import Usage, residual_usage
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -161,6 +161,8 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
     when `primal` takes a gradient itself, else in the loss form."""
     if holds_backward(primal):
         usage = step_usage(step_program(primal, inputs))
+    elif calls_a_scan(primal):  # inlined, the scan's residuals can move per iteration
+        usage = residual_usage(trace_vjp(inline_calls(primal, inputs), inputs))
     else:
         usage = residual_usage(trace_vjp(primal, inputs))
     rest = {k: v for k, v in options.items() if k != "policy"}

@@ -29,6 +29,11 @@ convert_constvars_jaxpr = pe.convert_constvars_jaxpr
 eval_jaxpr = core.eval_jaxpr
 
 
+def read_atom(env: dict, v: Any) -> Any:
+    """The value of a jaxpr atom: a literal's own value, or a variable's in `env`."""
+    return v.val if isinstance(v, Literal) else env[v]
+
+
 def cotangent_aval(x: Any) -> Any:
     """The aval of a cotangent for a value shaped like `x` (float0 for ints)."""
     aval = core.ShapedArray(x.shape, x.dtype)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._compat import Literal, Var, bind_eqn, eval_jaxpr, inner_name_stack
+from ._compat import Literal, Var, bind_eqn, eval_jaxpr, inner_name_stack, read_atom
 from ._plan import Plan
 from ._usage import Recipe, Usage
 
@@ -62,10 +62,6 @@ class StoredLayout:
              for i in usage.recipes[r.index].input_anchors}
         )  # fmt: skip
         return cls(stored, tuple(inputs))
-
-
-def read_atom(env: dict, v: Any) -> Any:
-    return v.val if isinstance(v, Literal) else env[v]
 
 
 def _first_var(eqn: Any, env: dict) -> Var | None:

@@ -16,30 +16,26 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
 from ._compat import (
     ClosedJaxpr,
     Jaxpr,
     Var,
     bind_eqn,
-    call_shardings,
-    inlinable_call,
-    inner_name_stack,
     is_transpose,
     nbytes,
+    read_atom,
     sub_jaxprs,
 )
 from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
-    read_atom,
     replay,
     scan_from_host,
     scan_to_host,
     to_device,
     to_host,
 )
+from ._trace import inline_calls
 from ._usage import (
     Recipe,
     Usage,
@@ -63,43 +59,6 @@ class StepProgram:
 def holds_backward(jaxpr: Jaxpr) -> bool:
     """Whether `jaxpr` (at any depth) contains equations of a transposed computation."""
     return any(is_transpose(e) or any(holds_backward(j) for j in sub_jaxprs(e)) for e in jaxpr.eqns)
-
-
-def inline_calls(jaxpr: Jaxpr, inputs: Sequence[Any]) -> ClosedJaxpr:
-    """`jaxpr` with its nested `jit` calls inlined, recursively, with fresh variables.
-
-    Inside an outer trace a nested `jit` is a scope, not a program: donation does not
-    apply, and the shardings it names are kept as sharding constraints. Calls with
-    layouts or compiler options of their own are left alone.
-    """
-    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
-    return jax.make_jaxpr(lambda *xs: _eval_inlined(jaxpr, [], xs))(*avals)
-
-
-def _eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    env: dict[Any, Any] = {}
-    env.update(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    for eqn in jaxpr.eqns:
-        invals = [read_atom(env, v) for v in eqn.invars]
-        if inlinable_call(eqn):
-            inner = eqn.params["jaxpr"]
-            in_shardings, out_shardings = call_shardings(eqn)
-            with inner_name_stack(eqn):
-                invals = _constrain(invals, in_shardings)
-                outs = _constrain(_eval_inlined(inner.jaxpr, inner.consts, invals), out_shardings)
-        else:
-            outs = bind_eqn(eqn, invals)
-        env.update(zip(eqn.outvars, outs, strict=True))
-    return [read_atom(env, v) for v in jaxpr.outvars]
-
-
-def _constrain(values: list[Any], shardings: list[Any]) -> list[Any]:
-    """A call's named shardings, kept as sharding constraints when it is inlined."""
-    return [
-        x if s is None else jax.lax.with_sharding_constraint(x, s)
-        for x, s in zip(values, shardings, strict=True)
-    ]
 
 
 def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:

@@ -14,7 +14,19 @@ from typing import Any
 import jax
 from jax.tree_util import tree_flatten, tree_unflatten
 
-from ._compat import ClosedJaxpr, Jaxpr, convert_constvars_jaxpr, cotangent_aval, eval_jaxpr
+from ._compat import (
+    ClosedJaxpr,
+    Jaxpr,
+    bind_eqn,
+    call_shardings,
+    convert_constvars_jaxpr,
+    cotangent_aval,
+    eval_jaxpr,
+    inlinable_call,
+    inner_name_stack,
+    read_atom,
+    sub_jaxprs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +68,14 @@ def trace_primal(flat_fun: Any, args: Sequence[Any]) -> tuple[Jaxpr, list[Any], 
     return convert_constvars_jaxpr(closed.jaxpr), list(closed.consts), out_shapes
 
 
-def trace_vjp(primal: Jaxpr, in_avals: Sequence[Any]) -> VjpProgram:
+def trace_vjp(primal: Jaxpr | ClosedJaxpr, in_avals: Sequence[Any]) -> VjpProgram:
     """Split `primal` into forward (with residual outputs) and backward jaxprs."""
     pullback_tree: list[Any] = []
+    closed = primal if isinstance(primal, ClosedJaxpr) else ClosedJaxpr(primal, ())
+    jaxpr, consts = closed.jaxpr, closed.consts
 
     def run_primal(*xs: Any) -> list[Any]:
-        return eval_jaxpr(primal, (), *xs)
+        return eval_jaxpr(jaxpr, consts, *xs)
 
     def forward(*xs: Any) -> tuple[list[Any], list[Any]]:
         outs, pullback = jax.vjp(run_primal, *xs)
@@ -88,3 +102,59 @@ def trace_vjp(primal: Jaxpr, in_avals: Sequence[Any]) -> VjpProgram:
 def _ct_shape(s: Any) -> jax.ShapeDtypeStruct:
     ct = cotangent_aval(s)
     return jax.ShapeDtypeStruct(ct.shape, ct.dtype)
+
+
+def inline_calls(jaxpr: Jaxpr, inputs: Sequence[Any]) -> ClosedJaxpr:
+    """`jaxpr` with its nested `jit` calls inlined, recursively, with fresh variables.
+
+    Inside an outer trace a nested `jit` is a scope, not a program: donation does not
+    apply, and the shardings it names are kept as sharding constraints. Calls with
+    layouts or compiler options of their own are left alone.
+    """
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)) for x in inputs]
+    return jax.make_jaxpr(lambda *xs: _eval_inlined(jaxpr, [], xs))(*avals)
+
+
+def _eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        invals = [read_atom(env, v) for v in eqn.invars]
+        if inlinable_call(eqn):
+            inner = eqn.params["jaxpr"]
+            in_shardings, out_shardings = call_shardings(eqn)
+            with inner_name_stack(eqn):
+                invals = _constrain(invals, in_shardings)
+                outs = _constrain(_eval_inlined(inner.jaxpr, inner.consts, invals), out_shardings)
+        else:
+            outs = bind_eqn(eqn, invals)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read_atom(env, v) for v in jaxpr.outvars]
+
+
+def _constrain(values: list[Any], shardings: list[Any]) -> list[Any]:
+    """A call's named shardings, kept as sharding constraints when it is inlined."""
+    return [
+        x if s is None else jax.lax.with_sharding_constraint(x, s)
+        for x, s in zip(values, shardings, strict=True)
+    ]
+
+
+def _weak(x: Any) -> bool:
+    return bool(getattr(getattr(x, "aval", x), "weak_type", False))
+
+
+def calls_a_scan(jaxpr: Jaxpr) -> bool:
+    """Whether a top-level `jit` call that `inline_calls` would inline holds a `scan`.
+
+    Only then is inlining worth it in the loss form (the scan's stacked residuals can
+    then move per iteration): run eagerly, an inlined call no longer runs as one
+    compiled program, and its rounding may differ.
+    """
+
+    def has_scan(j: Jaxpr) -> bool:
+        return any(e.primitive.name == "scan" or any(map(has_scan, sub_jaxprs(e)))
+                   for e in j.eqns)  # fmt: skip
+
+    return any(inlinable_call(e) and has_scan(e.params["jaxpr"].jaxpr) for e in jaxpr.eqns)

@@ -123,6 +123,16 @@ def test_scan_gpu_lowering_moves_inside_the_loops():
     assert not placements_in_loops(plain.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
 
+def test_scan_inside_a_nested_jit_moves_per_iteration():
+    """Layers stacked by a jitted helper: the call is inlined, so its scan is seen."""
+    layers, args = MODELS["scan"]()
+    loss = jax.jit(layers)  # the whole stack behind a jit boundary
+    report = hetjax.analyze(loss, *args, **ALL)
+    assert {r.move for r in report.residuals if r.primitive == "scan"} == {"per-iteration"}
+    h = hetjax.het_offload(loss, **ALL)
+    assert_trees_equal(jax.jit(jax.grad(h))(*args), jax.jit(jax.grad(loss))(*args))
+
+
 def test_scan_residual_read_after_the_scan_moves_whole():
     """A stacked output that the forward reads again must exist on device as a whole:
     it moves as one array after the scan, and the report says so."""
