@@ -86,12 +86,9 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         command = [sys.executable, str(RUN), "--model", model, "--preset", "tiny"]
         command += ["--steps", "2", "--json", str(folder / "out.json")]
         command += [] if model in FRESH_PROCESSES else ["--in-process"]
-        proc = subprocess.Popen(
-            command,
-            stdout=(folder / "stdout").open("w"),
-            stderr=(folder / "stderr").open("w"),
-            env=env | {"JAX_COMPILATION_CACHE_DIR": str(folder / "cache")},
-        )
+        cache = {"JAX_COMPILATION_CACHE_DIR": str(folder / "cache")}
+        with (folder / "stdout").open("w") as out, (folder / "stderr").open("w") as err:
+            proc = subprocess.Popen(command, stdout=out, stderr=err, env=env | cache)
         started[model] = (proc, folder)
     yield started
     for proc, _ in started.values():
