@@ -395,8 +395,9 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     would include every variant before it) and without a timeout.
     """
     if args.in_process:
-        # hetjax warns once per message and process; each variant records its own.
-        hetjax._plan._warned.clear()
+        # hetjax warns once per message and process (a private set, also cleared by
+        # tests/conftest.py); clear it so that each variant records its own warnings.
+        getattr(getattr(hetjax, "_plan", None), "_warned", set()).clear()
         return measure(args.model, args.preset, variant, args.steps, args.warmup, False)
     extra = ["--worker", variant, "--model", args.model, "--preset", args.preset]
     extra += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
