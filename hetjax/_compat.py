@@ -95,10 +95,22 @@ def inner_name_stack(eqn: JaxprEqn) -> Any:
     return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
+# Libraries whose frames are not the user's model code: a flax module's residual
+# is reported at the user's line that called it (a loss, a block), not in flax.
+LIBRARY_DIRS = tuple(
+    f"{os.sep}{name}{os.sep}" for name in ("flax", "optax", "chex", "equinox")
+)
+
+
 def source_line(eqn: JaxprEqn) -> str:
     """The user's `file:line (function)` that emitted `eqn`, or "unknown"."""
     try:
-        return source_info_util.summarize(eqn.source_info)
+        frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+        mine = [f for f in frames if not any(d in f.file_name for d in LIBRARY_DIRS)]
+        frame = (mine or frames or [None])[0]
+        if frame is None:
+            return "unknown"
+        return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
     except Exception:  # pragma: no cover - summaries are best effort
         return "unknown"
 

@@ -298,7 +298,11 @@ def residual_record(
         last_forward_use=last_forward_use,
         first_backward_use=first_backward_use,
         last_backward_use=last_backward_use,
-        is_input=v in input_index or _aliases_input(jaxpr, v, producer, input_index),
+        is_input=(
+            v in input_index
+            or _aliases_input(jaxpr, v, producer, input_index)
+            or (eqn is not None and _stacked_view_of_input(eqn, v, jaxpr, producer, input_index))
+        ),
         recomputable=recipe is not None,
         offloadable=not is_extended(aval.dtype) and not on_host(aval),
         memory="host" if on_host(aval) else "device",
@@ -314,6 +318,28 @@ def _constant_record(k: int, aval: Any, end: int) -> ResidualUsage:
         first_backward_use=end, last_backward_use=end, is_input=True, recomputable=False,
         offloadable=False,
     )  # fmt: skip
+
+
+def _stacked_view_of_input(eqn: Any, v: Var, jaxpr: Any, producer: dict, input_index: dict) -> bool:
+    """Whether `v`, a stacked output of the scan `eqn`, is in each iteration a view
+    (slice, convert, ...) of what the iteration reads from a function input: the
+    per-layer copies of stacked weights. Like the whole-array views of inputs, they
+    are kept, never moved."""
+    if not is_scan(eqn) or v not in eqn.outvars[eqn.params["num_carry"] :]:
+        return False
+    body = eqn.params["jaxpr"].jaxpr
+    nk, first_x = eqn.params["num_carry"], eqn.params["num_consts"] + eqn.params["num_carry"]
+    from_inputs = {
+        inner: None
+        for i, (inner, outer) in enumerate(zip(body.invars, eqn.invars, strict=True))
+        if (i < first_x - nk or i >= first_x)  # consts and stacked inputs, not the carry
+        and isinstance(outer, Var)
+        and (outer in input_index or _aliases_input(jaxpr, outer, producer, input_index))
+    }
+    inner_out = body.outvars[eqn.outvars.index(v)]
+    if not isinstance(inner_out, Var):
+        return False
+    return _aliases_input(body, inner_out, def_use(body.eqns)[0], from_inputs)
 
 
 def _aliases_input(fwd: Any, v: Var, producer: dict, input_index: dict) -> bool:

@@ -133,6 +133,28 @@ def test_scan_inside_a_nested_jit_moves_per_iteration():
     assert_trees_equal(jax.jit(jax.grad(h))(*args), jax.jit(jax.grad(loss))(*args))
 
 
+def test_scan_per_layer_weight_copies_stay_as_inputs():
+    """A layer's bf16 copy of its f32 weight slice, stacked by the scan, is a view of
+    a parameter: kept like one, not sent over the link (GPU_FINDINGS, item 3)."""
+
+    def loss(ws, x):
+        def layer(h, w):
+            return jnp.tanh(h @ w.astype(jnp.bfloat16)), None
+
+        h, _ = lax.scan(layer, x.astype(jnp.bfloat16), ws)
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    ws = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 16)) * 0.3
+    x = jnp.ones((8, 16))
+    stacked = {r.dtype + str(list(r.shape)): r for r in hetjax.analyze(loss, ws, x, **ALL).residuals
+               if r.primitive == "scan"}  # fmt: skip
+    weights = stacked["bfloat16[3, 16, 16]"]
+    assert weights.is_input and weights.decision == "keep"
+    assert stacked["bfloat16[3, 8, 16]"].move == "per-iteration"  # the activations move
+    h = hetjax.het_offload(loss, **ALL)
+    assert_trees_equal(jax.jit(jax.grad(h))(ws, x), jax.jit(jax.grad(loss))(ws, x))
+
+
 def test_scan_residual_read_after_the_scan_moves_whole():
     """A stacked output that the forward reads again must exist on device as a whole:
     it moves as one array after the scan, and the report says so."""
