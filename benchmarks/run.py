@@ -14,7 +14,10 @@ for the whole process. The worker records, in this order:
   3. `peak_bytes_in_use` of device 0, read right after timing (None on CPU);
   4. the relative L2 error of the variant's gradient against the plain one, in f32,
      computed after timing so it cannot inflate the peak;
-  5. every `hetjax.HetjaxWarning` raised on the way, in `warnings`.
+  5. every `hetjax.HetjaxWarning` raised on the way, in `warnings`;
+  6. for hetjax variants, the planner's predictions (`predicted`: peak bytes without
+     and with the plan, bytes moved, per-iteration bytes, exposed ms), to check its
+     model against the compiled and measured figures.
 
 The default preset is `tiny` on CPU and `reference` elsewhere. On CPU every memory kind
 is the same memory, so figures there check plumbing and numerics, never savings.
@@ -320,6 +323,26 @@ def grad_rel_err(g_ref: Any, loss: Loss, params: Any, batch: Any) -> float:
     return float(rel_l2_error(jitted_grad(loss)(params, batch), g_ref))
 
 
+def planner_fields(loss: Loss, params: Any, batch: Any) -> dict[str, Any]:
+    """For hetjax variants, what the planner predicted, to hold against the compiled
+    and measured figures: peak bytes without and with the plan (its device-memory
+    model), bytes moved (and how many of them per scan iteration), exposed ms."""
+    if not hasattr(loss, "analyze"):
+        return {}
+    report = loss.analyze(params, batch)
+    return {
+        "predicted": {
+            "baseline_peak_bytes": report.baseline_peak_bytes,
+            "peak_bytes": report.predicted_peak_bytes,
+            "moved_bytes": report.moved_bytes,
+            "moved_per_iteration_bytes": sum(
+                r.nbytes for r in report.residuals if r.move == "per-iteration"
+            ),
+            "exposed_transfer_ms": report.exposed_transfer_ms,
+        }
+    }
+
+
 def empty_result(name: str) -> dict[str, Any]:
     return {key: None for key in RESULT_KEYS} | {"name": name}
 
@@ -337,7 +360,7 @@ def measure(
             state = (params, model.optimizer.init(params))
             candidates = VARIANTS[variant](model)
             detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
-            result |= memory | {"detail": detail}
+            result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
             log(f"  timing {steps} steps of {detail}")
             times = time_steps(compiled, state, batch, steps, warmup)
             result["peak_bytes"] = peak_bytes() if record_peak else None

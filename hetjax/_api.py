@@ -83,6 +83,8 @@ def het_offload(
         >>> g = jax.jit(jax.grad(loss))(w, x)
         >>> bool(jnp.array_equal(g, jax.jit(jax.grad(loss.__wrapped__))(w, x)))
         True
+        >>> loss.analyze(w, x).moved_bytes  # the plan, without running: tanh(x @ w)
+        128
     """
     check_options(policy, min_bytes, device_budget)
     if fun is None:
@@ -96,15 +98,15 @@ def het_offload(
     if not callable(fun):
         raise TypeError(f"het_offload: expected a callable, got {fun!r}")
 
+    options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
     if policy == "none":
 
         @functools.wraps(fun)
         def unchanged(*args: Any, **kwargs: Any) -> Any:
             return fun(*args, **kwargs)
 
+        unchanged.analyze = functools.partial(_analyze, fun, options)  # type: ignore[attr-defined]
         return unchanged
-
-    options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
 
     @functools.wraps(fun)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -119,7 +121,16 @@ def het_offload(
         graph.write_back(outs[num_outs:])
         return tree_unflatten(out_tree[0], outs[:num_outs])
 
+    wrapper.analyze = functools.partial(_analyze, fun, options)  # type: ignore[attr-defined]
     return wrapper
+
+
+def _analyze(fun: Callable[..., Any], options: dict, *args: Any, **kwargs: Any) -> Any:
+    """`decorated.analyze(*args)`: `hetjax.analyze` of the undecorated function with
+    the decorator's options, the plan these arguments get, without running anything."""
+    from ._report import analyze  # _report builds on this module
+
+    return analyze(fun, *args, **options, **kwargs)
 
 
 def is_dynamic(x: Any) -> bool:

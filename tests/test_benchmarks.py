@@ -121,6 +121,13 @@ def test_run_tiny_writes_schema(model: str, runs: dict) -> None:
         # infeasible (the tiny models have little to move).
         budget = "@" in v["name"]
         assert all(budget and "device_budget=" in w for w in v["warnings"]), v
+        # hetjax variants carry the planner's predictions, to check against the rest.
+        if v["name"].startswith("hetjax"):
+            predicted = v["predicted"]
+            assert 0 < predicted["peak_bytes"] <= predicted["baseline_peak_bytes"], v
+            assert 0 <= predicted["moved_per_iteration_bytes"] <= predicted["moved_bytes"], v
+        else:
+            assert "predicted" not in v, v
     plain = report["variants"][0]
     assert plain["grad_rel_err"] == 0.0
 

@@ -92,6 +92,15 @@ def scan_eqns(jaxpr):
     return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
 
 
+@pytest.mark.parametrize("policy", ["all", "none"])
+def test_decorated_function_analyzes_with_its_own_options(policy):
+    loss, args = MODELS["stacked_mlp"]()
+    decorated = hetjax.het_offload(loss, policy=policy, min_bytes=0)
+    report = decorated.analyze(*args)
+    assert report.table() == hetjax.analyze(loss, *args, policy=policy, min_bytes=0).table()
+    assert (report.moved_bytes > 0) == (policy == "all")
+
+
 def test_scan_residuals_move_per_iteration():
     loss, args = MODELS["scan"]()
     report = hetjax.analyze(loss, *args, **ALL)
