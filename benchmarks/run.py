@@ -336,7 +336,7 @@ def planner_fields(loss: Loss, params: Any, batch: Any) -> dict[str, Any]:
             "peak_bytes": report.predicted_peak_bytes,
             "moved_bytes": report.moved_bytes,
             "moved_per_iteration_bytes": sum(
-                r.nbytes for r in report.residuals if r.move == "per-iteration"
+                r.nbytes for r in report.residuals if r.decision == "offload" and r.per_iteration
             ),
             "exposed_transfer_ms": report.exposed_transfer_ms,
         }

@@ -41,6 +41,12 @@ def residual_intervals(r: ResidualUsage) -> list[Interval]:
             (2 * r.slice_nbytes, r.produced_at, r.produced_at),
             (2 * r.slice_nbytes, r.first_backward_use, r.last_backward_use),
         ]
+    if r.decision == "recompute" and r.per_iteration:
+        # Made and rebuilt one slice at a time inside the scans; never stored.
+        return [
+            (r.slice_nbytes, r.produced_at, r.produced_at),
+            (r.slice_nbytes, r.first_backward_use, r.last_backward_use),
+        ]
     if r.decision == "offload":
         assert r.offload_by is not None and r.prefetch_at is not None
         return [

@@ -193,6 +193,15 @@ def run_backward(
 
     prefetch: dict[int, list[int]] = {}
     sliced: dict[int, list[Var]] = {}  # scan eqn -> its stacked inputs read from host
+    # scan eqn -> {operand index: how to rebuild that stacked input slice by slice}
+    rebuilt: dict[int, dict[int, SliceRebuild]] = {}
+    for r in plan.residuals:
+        if r.decision == "recompute" and r.per_iteration:
+            j = r.first_backward_use - num_fwd
+            at = jaxpr.eqns[j].invars.index(res_invars[r.index])
+            rebuild = slice_rebuild(program.forward.jaxpr.eqns[r.produced_at],
+                                    res_vars[r.index], usage.recipes[r.index])  # fmt: skip
+            rebuilt.setdefault(j, {})[at] = rebuild
     for r in plan.offloaded:
         if r.per_iteration:
             sliced.setdefault(r.first_backward_use - num_fwd, []).append(res_invars[r.index])
@@ -234,11 +243,13 @@ def run_backward(
             on_host.update(zip(ks, tied, strict=True))
         for k in ks:
             fetch(k)
-        if j in sliced:  # the scan reads these stacks from host, slice by slice
+        if j in sliced or j in rebuilt:  # stacks read from host or rebuilt, slice by slice
+            here, rebuild = sliced.get(j, []), rebuilt.get(j, {})
             invals = [
-                on_host.pop(index_of_invar[v]) if v in sliced[j] else read(v) for v in eqn.invars
+                on_host.pop(index_of_invar[v]) if v in here else None if i in rebuild else read(v)
+                for i, v in enumerate(eqn.invars)
             ]
-            outs = scan_from_host(eqn, invals, [v in sliced[j] for v in eqn.invars])
+            outs = scan_from_host(eqn, invals, [v in here for v in eqn.invars], rebuild)
         else:
             outs = bind_eqn(eqn, [read(v) for v in eqn.invars])
         env.update(zip(eqn.outvars, outs, strict=True))
@@ -318,28 +329,55 @@ def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[
     return [*carry, *stacks]
 
 
-def scan_from_host(eqn: Any, invals: Sequence[Any], from_host: Sequence[bool]) -> list[Any]:
+class SliceRebuild(NamedTuple):
+    """How a backward scan rebuilds, each iteration, its slice of one residual (a
+    per-iteration `Recipe`, whose equations are those of the forward scan's body)."""
+
+    body_eqns: Any
+    recipe: Recipe
+    target: Var
+
+
+def slice_rebuild(forward_scan: Any, v: Var, recipe: Recipe) -> SliceRebuild:
+    body = forward_scan.params["jaxpr"].jaxpr
+    return SliceRebuild(body.eqns, recipe, body.outvars[forward_scan.outvars.index(v)])
+
+
+def scan_from_host(
+    eqn: Any,
+    invals: Sequence[Any],
+    from_host: Sequence[bool],
+    rebuild: dict[int, SliceRebuild] | None = None,
+) -> list[Any]:
     """Evaluate the scan `eqn` whose operands flagged in `from_host` are `HostStack`s
     made by a scan that ran the other way: the loop carries each one's next slice,
     fetched to device one iteration ahead of its use, so that copy runs beside the
-    current iteration's compute."""
+    current iteration's compute. Operands in `rebuild` (by operand index; their
+    `invals` are not read) are rebuilt each iteration from the other slices."""
+    rebuild = rebuild or {}
     body = eqn.params["jaxpr"]
     consts, init, xs = _split_scan(eqn, invals)
+    first = len(consts) + len(init)
     flags = _split_scan(eqn, from_host)[2]
-    first = [to_device(x.last) for x, f in zip(xs, flags, strict=True) if f]
-    xs = [x.shifted if f else x for x, f in zip(xs, flags, strict=True)]
+    kept = [i not in rebuild for i in range(first, first + len(xs))]
+    ready0 = [to_device(x.last) for x, f in zip(xs, flags, strict=True) if f]
+    xs = [x.shifted if f else x for x, f, k in zip(xs, flags, kept, strict=True) if k]
 
     def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
         carry, ready = carry
+        slices, now = iter(x), iter(ready)
+        x = [next(slices) if k else None for k in kept]
         # TODO: the last iteration fetches the zeros slice: one slice of extra traffic
         # per scan, cheaper than a cond around the copy.
         ahead = [to_device(s) for s, f in zip(x, flags, strict=True) if f]
-        now = iter(ready)
         x = [next(now) if f else s for s, f in zip(x, flags, strict=True)]
+        for i, r in rebuild.items():
+            anchors = {var: x[at - first] for var, at in r.recipe.slices}
+            x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
         return (outs[: len(init)], ahead), outs[len(init) :]
 
-    (carry, _), ys = _scan(eqn, iteration, (init, first), xs)
+    (carry, _), ys = _scan(eqn, iteration, (init, ready0), xs)
     return [*carry, *ys]
 
 

@@ -29,9 +29,11 @@ from ._compat import (
 from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
+    SliceRebuild,
     replay,
     scan_from_host,
     scan_to_host,
+    slice_rebuild,
     to_device,
     to_host,
 )
@@ -44,6 +46,7 @@ from ._usage import (
     moves_per_iteration,
     recipe_for,
     residual_record,
+    with_slice_recipes,
 )
 
 
@@ -133,6 +136,11 @@ def step_usage(program: StepProgram) -> Usage:
                 backward_from=backward.index(True, last_fwd + 1),
             )
         )  # fmt: skip
+    residual_vars = program.residual_vars
+    records = with_slice_recipes(
+        records, recipes, jaxpr.eqns, readers_of=lambda k: readers[residual_vars[k]],
+        stacked={v: (k, v) for k, v in enumerate(residual_vars)}, var_of=residual_vars,
+    )  # fmt: skip
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -168,8 +176,15 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     host_pins = PinQueue()  # host copies waiting for their forward pin
     device_pins = PinQueue()  # host copies waiting for their backward pin
     rebuild: dict[int, list[int]] = {}  # first backward use -> residuals recomputed there
+    # backward scan -> {operand index: how to rebuild that stacked input slice by slice}
+    sliced_rebuilds: dict[int, dict[int, SliceRebuild]] = {}
     for r in plan.residuals:
-        if r.decision == "recompute":
+        v = res_vars[r.index]
+        if r.decision == "recompute" and r.per_iteration:
+            at = jaxpr.eqns[r.first_backward_use].invars.index(v)
+            rebuild_slices = slice_rebuild(jaxpr.eqns[r.produced_at], v, usage.recipes[r.index])
+            sliced_rebuilds.setdefault(r.first_backward_use, {})[at] = rebuild_slices
+        elif r.decision == "recompute":
             rebuild.setdefault(r.first_backward_use, []).append(r.index)
     for r in plan.offloaded:
         v = res_vars[r.index]
@@ -212,8 +227,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         invals = [read_atom(env, v) for v in eqn.invars]
         if i in made_sliced:
             outs = scan_to_host(eqn, invals, made_sliced[i])
-        elif i in read_sliced:
-            outs = scan_from_host(eqn, invals, [v in read_sliced[i] for v in eqn.invars])
+        elif i in read_sliced or i in sliced_rebuilds:
+            from_host = [v in read_sliced.get(i, []) for v in eqn.invars]
+            outs = scan_from_host(eqn, invals, from_host, sliced_rebuilds.get(i))
         else:
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))

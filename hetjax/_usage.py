@@ -80,10 +80,13 @@ class ResidualUsage:
     @property
     def move(self) -> str:
         """How an offloaded residual travels: "per-iteration" slices inside the scans
-        that make and read it, or as a "whole" array; "" when it is not offloaded."""
-        if self.decision != "offload":
-            return ""
-        return "per-iteration" if self.per_iteration else "whole"
+        that make and read it, or as a "whole" array. A residual recomputed slice by
+        slice inside the backward scan is "per-iteration" too; otherwise ""."""
+        if self.decision == "offload":
+            return "per-iteration" if self.per_iteration else "whole"
+        if self.decision == "recompute" and self.per_iteration:
+            return "per-iteration"
+        return ""
 
     @property
     def slice_nbytes(self) -> int:
@@ -100,6 +103,10 @@ class Recipe:
     eqns: tuple[int, ...]  # forward equation indices, in program order
     input_anchors: tuple[int, ...]  # forward input indices it reads
     residual_anchors: tuple[int, ...]  # residual indices it reads
+    # Set for a residual rebuilt one scan iteration at a time (`slice_recipe`): then
+    # `eqns` index the forward scan's body, and each residual anchor is a pair (body
+    # variable, operand index of the backward scan that reads that anchor's stack).
+    slices: tuple[tuple[Var, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +191,9 @@ def residual_usage(program: VjpProgram) -> Usage:
                 per_iteration=sliceable,
             )
         )  # fmt: skip
+    stacked = {v: (k, bwd_res_invars[k]) for v, k in residual_of.items()}
+    records = with_slice_recipes(records, recipes, fwd.eqns, readers_of=lambda k: readers.get(
+        bwd_res_invars[k], []), stacked=stacked, var_of=res_vars)  # fmt: skip
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -192,6 +202,77 @@ def residual_usage(program: VjpProgram) -> Usage:
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
     )
+
+
+def with_slice_recipes(
+    records: list[ResidualUsage],
+    recipes: dict[int, Recipe],
+    forward_eqns: Any,
+    readers_of: Any,
+    stacked: dict[Var, tuple[int, Var]],
+    var_of: Any,
+) -> list[ResidualUsage]:
+    """Give each per-iteration residual that one scan iteration can rebuild cheaply
+    from other stacked residuals a `slice_recipe` (added to `recipes`), and mark it
+    recomputable. Anchors must be stored, not rebuilt themselves.
+
+    `readers_of(k)` lists the backward equations reading residual `k`; `stacked` maps a
+    forward variable to its residual index and the variable the backward reads it as.
+    """
+    found: dict[int, Recipe] = {}
+    for r in records:
+        if r.per_iteration and r.index not in recipes:
+            (reader,) = readers_of(r.index)
+            scan = forward_eqns[r.produced_at]
+            recipe = slice_recipe(scan, reader, var_of[r.index], stacked)
+            if recipe is not None:
+                found[r.index] = recipe
+    changed = True
+    while changed:  # drop recipes that read a slice another recipe would rebuild
+        changed = False
+        for k, recipe in list(found.items()):
+            if any(a in found for a in recipe.residual_anchors):
+                del found[k]
+                changed = True
+    recipes.update(found)
+    return [dataclasses.replace(r, recomputable=True) if r.index in found else r
+            for r in records]  # fmt: skip
+
+
+def slice_recipe(
+    scan: Any, reader: Any, v: Var, stacked: dict[Var, tuple[int, Var]]
+) -> Recipe | None:
+    """How the backward scan `reader` can rebuild, in each iteration, its slice of `v`
+    (a stacked output of the forward `scan`): cheap equations of `scan`'s body, run
+    on that iteration's slices of other stacked residuals that `reader` reads too
+    (stacked outputs of `scan`, or stacked inputs such as the layers' weights)."""
+    body = scan.params["jaxpr"].jaxpr
+    num_carry = scan.params["num_carry"]
+    first_stacked = scan.params["num_consts"] + num_carry
+    first_read = reader.params["num_consts"] + reader.params["num_carry"]
+    pairs = [
+        *zip(scan.outvars[num_carry:], body.outvars[num_carry:], strict=True),
+        *zip(scan.invars[first_stacked:], body.invars[first_stacked:], strict=True),
+    ]
+    anchors: dict[Var, int] = {}  # body variable -> residual index
+    where: dict[int, tuple[Var, int]] = {}  # residual index -> (body var, reader operand)
+    for outer, inner in pairs:
+        if outer is v or not isinstance(inner, Var) or inner in anchors:
+            continue
+        if not isinstance(outer, Var) or outer not in stacked:
+            continue
+        j, read_as = stacked[outer]
+        at = [i for i, x in enumerate(reader.invars) if x is read_as and i >= first_read]
+        if at:
+            anchors[inner] = j
+            where[j] = (inner, at[0])
+    target = body.outvars[scan.outvars.index(v)]
+    if not isinstance(target, Var):
+        return None
+    recipe = recipe_for(body, target, def_use(body.eqns)[0], {}, anchors)
+    if recipe is None:
+        return None
+    return dataclasses.replace(recipe, slices=tuple(where[j] for j in recipe.residual_anchors))
 
 
 def _vjp_buffers(program: VjpProgram, residual_vars: set) -> tuple[tuple[int, int, int], ...]:

@@ -107,18 +107,23 @@ def test_scan_residuals_move_per_iteration():
     stacked = [r for r in report.residuals if r.primitive == "scan"]
     assert stacked and all(r.move == "per-iteration" for r in stacked)
     assert "per-iteration" in report.table()
+    # The layer input and tanh(h @ w) move; 1 - tanh(...) is rebuilt from the latter's
+    # slice inside the backward loop (GPU_FINDINGS, item 3: cheap ones never move).
+    moved = [r for r in stacked if r.decision == "offload"]
+    assert len(moved) == 2 and [r.decision for r in stacked].count("recompute") == 1
 
     jaxpr = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, **ALL)))(*args)
     forward, backward = scan_eqns(jaxpr)
     # Each iteration puts a slice of each to host; the stacked outputs are host arrays.
-    assert host_puts(forward.params["jaxpr"]) == len(stacked)
-    assert sum("<host>" in str(v.aval) for v in forward.outvars) == len(stacked)
+    assert host_puts(forward.params["jaxpr"]) == len(moved)
+    assert sum("<host>" in str(v.aval) for v in forward.outvars) == len(moved)
     # The backward scan reads them from host one iteration ahead: one fetch in its
     # body per stack, and one before the loop (the last slice made, needed first).
     fetches = "devices=(MemorySpace.Device,)"
-    assert str(backward.params["jaxpr"]).count(fetches) == len(stacked)
-    assert sum("<host>" in str(v.aval) for v in backward.invars) == len(stacked)
-    assert str(jaxpr).count(fetches) == 2 * len(stacked) + 1  # + the whole-array `mul`
+    assert str(backward.params["jaxpr"]).count(fetches) == len(moved)
+    assert sum("<host>" in str(v.aval) for v in backward.invars) == len(moved)
+    assert str(jaxpr).count(fetches) == 2 * len(moved) + 1  # + the whole-array `mul`
+    assert "sub 1.0" in str(backward.params["jaxpr"])  # the rebuilt 1 - y
 
 
 def test_scan_gpu_lowering_moves_inside_the_loops():
@@ -248,7 +253,8 @@ def test_second_order_gradient():
 def test_second_order_through_the_moves(model):
     """grad of a function of the gradient differentiates the host copies themselves
     (per-iteration ones included): each copy's transpose must come back to device.
-    The second-order program differs from plain JAX's, so results agree to rounding."""
+    The second-order program differs from plain JAX's (recomputed residuals are
+    differentiated through their recipes), so results agree to rounding."""
     loss, args = MODELS[model]()
 
     def grad_norm(f):
@@ -258,7 +264,9 @@ def test_second_order_through_the_moves(model):
     expected = grad_norm(loss)(*args)
     got = grad_norm(hetjax.het_offload(loss, **ALL))(*args)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        # f32 rounding of a second-order sum, scaled to the largest entry (in f64 the
+        # two agree to 1e-15 of it).
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))
 
 
 def test_no_retrace_on_second_call():
