@@ -15,7 +15,9 @@ A residual stacked by a `scan` and read by one backward `scan` (`per_iteration`)
 moves inside both loops instead: the forward loop puts each iteration's slice to
 host, so the stacked output is a host buffer (XLA writes it with a dynamic-update-
 slice per iteration); the backward loop carries the next iteration's slice, fetched
-from that buffer one iteration ahead of its use (see `HostStack`).
+from that buffer one iteration ahead of its use (see `HostStack`). A stacked residual
+with a per-iteration recipe is rebuilt inside the backward loop from the slices of
+the others (`SliceRebuild`) and never stored.
 """
 
 from __future__ import annotations

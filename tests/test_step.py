@@ -197,6 +197,7 @@ def test_scan_step_moves_per_iteration():
     report = hetjax.analyze(step, *args, **ALL)
     stacked = [r for r in report.residuals if r.primitive == "scan"]
     assert stacked and {r.move for r in stacked} == {"per-iteration"}
+    assert {r.decision for r in stacked} == {"offload", "recompute"}  # 1 - y is rebuilt
     text = jax.jit(hetjax.het_offload(step, **ALL)).trace(*args)
     text = text.lower(lowering_platforms=("cuda",)).as_text()
     assert {"pinned_host", "device"} <= placements_in_loops(text)
