@@ -29,6 +29,17 @@ convert_constvars_jaxpr = pe.convert_constvars_jaxpr
 eval_jaxpr = core.eval_jaxpr
 
 
+def zeros_like_aval(aval: Any) -> Any:
+    """Zeros of `aval`'s type: shape, dtype, weak type and, where the aval carries one
+    (explicit mesh axes), its sharding."""
+    try:
+        from jax._src import ad_util
+
+        return ad_util.zeros_like_aval(aval)
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - other versions
+        return jax.numpy.zeros(aval.shape, aval.dtype)
+
+
 def read_atom(env: dict, v: Any) -> Any:
     """The value of a jaxpr atom: a literal's own value, or a variable's in `env`."""
     return v.val if isinstance(v, Literal) else env[v]

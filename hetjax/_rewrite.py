@@ -27,10 +27,17 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
-from ._compat import Literal, Var, bind_eqn, eval_jaxpr, inner_name_stack, read_atom
+from ._compat import (
+    Literal,
+    Var,
+    bind_eqn,
+    eval_jaxpr,
+    inner_name_stack,
+    read_atom,
+    zeros_like_aval,
+)
 from ._plan import Plan
 from ._usage import Recipe, Usage
 
@@ -314,8 +321,7 @@ def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[
     consts, init, xs = _split_scan(eqn, invals)
     nk = len(init)
     moves = [v in moved for v in eqn.outvars[nk:]]
-    held = [jnp.zeros(a.shape, a.dtype)
-            for a, m in zip(body.out_avals[nk:], moves, strict=True) if m]  # fmt: skip
+    held = [zeros_like_aval(a) for a, m in zip(body.out_avals[nk:], moves, strict=True) if m]
 
     def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
         carry, held = carry

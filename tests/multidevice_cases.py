@@ -308,6 +308,31 @@ def test_time_model_counts_flops_per_device(setup: Setup) -> None:
     assert _dot_flops(dot) == (whole // 8 if setup.explicit else whole)
 
 
+@pytest.mark.parametrize("axes", list(AXES))
+def test_scan_over_layers_moves_per_iteration(axes: str) -> None:
+    """Layers under `lax.scan` on a data-parallel mesh: the stacked residuals move one
+    slice per iteration, keep their shardings, and add no collective."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AXES[axes],))
+
+    def loss(ws, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)
+        return jnp.mean(h**2)
+
+    with jax.set_mesh(mesh) if axes == "explicit" else contextlib.nullcontext():
+        rows, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        ws = jax.device_put(jax.random.normal(jax.random.key(0), (4, 16, 16)) * 0.3, repl)
+        x = jax.device_put(jax.random.normal(jax.random.key(1), (64, 16)), rows)
+        moves = {r.move for r in hetjax.analyze(loss, ws, x, **ALL).residuals
+                 if r.primitive == "scan"}  # fmt: skip
+        assert moves == {"per-iteration"}
+        plain = jax.jit(jax.grad(loss), in_shardings=(repl, rows), out_shardings=repl)
+        het = jax.jit(jax.grad(hetjax.het_offload(loss, **ALL)), in_shardings=(repl, rows),
+                      out_shardings=repl)  # fmt: skip
+        assert_same(het(ws, x), plain(ws, x))
+        compiled = [f.lower(ws, x).compile() for f in (het, plain)]
+        assert collectives(compiled[0]) == collectives(compiled[1])
+
+
 @pytest.mark.parametrize("kind", ["with_sharding_constraint", "nested jit out_shardings"])
 def test_sharding_annotations_inside_the_loss(kind: str) -> None:
     """Auto axes, with the user's own sharding annotations inside the loss."""
