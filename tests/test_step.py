@@ -437,3 +437,34 @@ def test_nnx_scan_step_bitwise_and_per_iteration():
     assert all("test_step.py" in r.source for r in report.residuals if r.primitive == "scan")
     expected = run(nnx.jit(nnx_train_step))
     assert_trees_equal(run(nnx.jit(hetjax.het_offload(nnx_train_step, **ALL))), expected)
+
+
+def test_gpt_scan_train_step_bitwise_and_per_iteration():
+    """The benchmarks' GPT-style decoder (flax nnx, `nnx.scan` over blocks, bf16
+    compute) in an adamw train step: decorated, two steps agree bit for bit, and the
+    blocks' stacked residuals move, or are rebuilt, one iteration at a time."""
+    from test_benchmarks import benchmark_models
+
+    model = benchmark_models().MODELS["gpt_scan"]("tiny")
+    params, batch = model.init()
+    tx = model.optimizer
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(model.loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def run(f):
+        state, losses = (params, tx.init(params)), []
+        for _ in range(2):
+            *state, loss = f(*state, batch)
+            losses.append(loss)
+        return state, losses
+
+    report = hetjax.analyze(step, params, tx.init(params), batch, **ALL)
+    stacked = [r for r in report.residuals if r.primitive == "scan"]
+    assert {(r.decision, r.move) for r in stacked} == {
+        ("offload", "per-iteration"), ("recompute", "per-iteration"), ("keep", "")
+    }  # fmt: skip
+    assert all(r.is_input for r in stacked if r.decision == "keep")  # bf16 weight copies
+    assert_trees_equal(run(jax.jit(hetjax.het_offload(step, **ALL))), run(jax.jit(step)))
