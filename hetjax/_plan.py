@@ -249,7 +249,7 @@ def _with_pins(
     by_production = sorted(moved, key=lambda r: (r.produced_at, r.index))
     productions = sorted({r.produced_at for r in moved})
     for r in by_production:
-        link_free = max(clock[r.produced_at + 1], link_free) + profile.d2h_seconds(r.nbytes)
+        link_free = max(clock[_copy_starts(r)], link_free) + profile.d2h_seconds(r.nbytes)
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
         end_fwd = backward_from(r)
@@ -260,7 +260,9 @@ def _with_pins(
     needs = sorted({need[r.index] for r in moved})
     for r in sorted(moved, key=lambda r: (-need[r.index], r.index)):
         at = need[r.index]
-        link_busy_from = min(clock[at], link_busy_from) - profile.h2d_seconds(r.nbytes)
+        link_busy_from = min(clock[_fetch_due(r, at)], link_busy_from) - profile.h2d_seconds(
+            r.nbytes
+        )
         pos = int(np.searchsorted(clock, link_busy_from, side="right")) - 1
         earlier = [n for n in needs if n < at]
         end_fwd = backward_from(r)
@@ -276,6 +278,19 @@ def _with_pins(
     )
 
 
+def _copy_starts(r: ResidualUsage) -> int:
+    """The position whose start time the copy to host of `r` can start at: after its
+    producer, or, moving per iteration, with the scan that makes it (beside it)."""
+    return r.produced_at if r.per_iteration else r.produced_at + 1
+
+
+def _fetch_due(r: ResidualUsage, need: int) -> int:
+    """The position by whose start the copy back of `r`, needed at `need`, must be
+    done: `need` itself, or, moving per iteration, the end of the scan that reads it
+    (each slice is due by its own iteration; the last by the scan's end)."""
+    return need + 1 if r.per_iteration else need
+
+
 def _exposed_seconds(
     records: tuple[ResidualUsage, ...], clock: np.ndarray, profile: DeviceProfile
 ) -> float:
@@ -284,15 +299,11 @@ def _exposed_seconds(
     delay = 0.0
     link_free = 0.0
     for r in sorted(moved, key=lambda r: (r.produced_at, r.index)):
-        # A per-iteration copy starts with the scan that makes it, and runs beside it.
-        made = r.produced_at if r.per_iteration else r.produced_at + 1
-        start = max(clock[made] + delay, link_free)
+        start = max(clock[_copy_starts(r)] + delay, link_free)
         link_free = start + profile.d2h_seconds(r.nbytes)
         delay += max(0.0, link_free - (clock[r.offload_by] + delay))
     for r in sorted(moved, key=lambda r: (r.prefetch_at, r.first_backward_use, r.index)):
         start = max(clock[r.prefetch_at] + delay, link_free)
         link_free = start + profile.h2d_seconds(r.nbytes)
-        # A per-iteration copy is due slice by slice; the last one by the scan's end.
-        due = r.first_backward_use + 1 if r.per_iteration else r.first_backward_use
-        delay += max(0.0, link_free - (clock[due] + delay))
+        delay += max(0.0, link_free - (clock[_fetch_due(r, r.first_backward_use)] + delay))
     return delay

@@ -221,3 +221,29 @@ def test_equation_times_count_matmul_and_conv_flops():
     x, w = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), jnp.ones((3, 3, 64, 128))
     eqn = jax.make_jaxpr(conv)(x, w).eqns[0]
     assert _conv_flops(eqn) == 2 * (8 * 32 * 32 * 128) * (3 * 3 * 64)  # one 3x3x64 filter
+
+
+def test_per_iteration_residual_pins_memory_and_exposure():
+    """A stack of 10 slices made by the scan at position 2 and read by the one at
+    N - 3: pinned to those scans, on device one slice and the one in flight at a
+    time, and its copies overlap the scans' own compute (1 ms each here)."""
+    stack = record(2, nbytes=100 * MB, shape=(10, 25 * MB // 10), produced_at=2,
+                   last_forward_use=2, first_backward_use=N - 3, last_backward_use=N - 3,
+                   per_iteration=True)  # fmt: skip
+    usage = synthetic([stack], args=0)
+    plan = make_plan(usage, "all", min_bytes=0)
+    (r,) = plan.offloaded
+    assert (r.move, r.offload_by, r.prefetch_at) == ("per-iteration", 3, N - 3)
+    two_slices = 2 * 10 * MB
+    on_device = {p: int(plan.predicted_memory[p + 1]) for p in range(-1, N + 1)}
+    assert {p for p, b in on_device.items() if b} == {2, N - 3}
+    assert max(on_device.values()) == two_slices
+    profile = plan.profile
+    # The copy out starts with the forward scan and is due by its end; the copy back
+    # starts with the backward scan and is due by its end: 1 ms of cover each way.
+    expected = max(0.0, profile.d2h_seconds(100 * MB) - 1e-3)
+    expected += max(0.0, profile.h2d_seconds(100 * MB) - 1e-3)
+    assert plan.exposed_transfer_s == pytest.approx(expected)
+    whole = make_plan(synthetic([dataclasses.replace(stack, per_iteration=False)], args=0),
+                      "all", min_bytes=0)  # fmt: skip
+    assert whole.predicted_peak_bytes == 100 * MB > plan.predicted_peak_bytes
