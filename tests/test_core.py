@@ -169,6 +169,30 @@ def test_scan_per_layer_weight_copies_stay_as_inputs():
     assert_trees_equal(jax.jit(jax.grad(h))(ws, x), jax.jit(jax.grad(loss))(ws, x))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_scan_directions_unrolling_and_consts_bitwise(reverse, unroll):
+    """The one-iteration-ahead layout depends on the scans' directions: check both,
+    with unrolling, a closed-over constant and two carries."""
+
+    def loss(ws, b, x):
+        def layer(carry, w):
+            h, s = carry
+            y = jnp.tanh(h @ w + b)  # `b` is closed over: a scan constant
+            return (y, s + jnp.sum(y**2)), jnp.sin(y)
+
+        (h, s), ys = lax.scan(layer, (x, 0.0), ws, reverse=reverse, unroll=unroll)
+        return jnp.mean(h**2) + s + jnp.mean(ys)
+
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    ws = jax.random.normal(k[0], (5, 16, 16)) * 0.3
+    b, x = jax.random.normal(k[1], (16,)) * 0.1, jax.random.normal(k[2], (8, 16))
+    report = hetjax.analyze(loss, ws, b, x, **ALL)
+    assert "per-iteration" in {r.move for r in report.residuals if r.primitive == "scan"}
+    grad = lambda f: jax.jit(jax.grad(f, (0, 1, 2)))  # noqa: E731
+    assert_trees_equal(grad(hetjax.het_offload(loss, **ALL))(ws, b, x), grad(loss)(ws, b, x))
+
+
 def test_scan_residual_read_after_the_scan_moves_whole():
     """A stacked output that the forward reads again must exist on device as a whole:
     it moves as one array after the scan, and the report says so."""
