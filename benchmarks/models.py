@@ -113,6 +113,10 @@ MLP_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"layers": 4, "dim": 128, "rows": 256, "dtype": "bfloat16"},
     # The reference workload of shared/notes/GPU_FINDINGS.md.
     "reference": {"layers": 16, "dim": 4096, "rows": 16384, "dtype": "bfloat16"},
+    # 24x the reference's rows: about 96 GiB of layer inputs and tanh outputs kept for
+    # the backward, more than an 80 GB GPU holds without offloading. Sized by hand,
+    # not measured on a GPU.
+    "full": {"layers": 16, "dim": 4096, "rows": 393216, "dtype": "bfloat16"},
 }
 
 
@@ -153,6 +157,15 @@ CNN_PRESETS: dict[str, dict[str, Any]] = {
         "blocks_per_stage": [2, 2, 2, 2],
         "size": 128,
         "images": 256,
+        "classes": 1000,
+    },
+    # 8x the reference's images: about 80 GB of activations by the same estimate,
+    # beyond an 80 GB GPU without offloading. Sized by hand, not measured on a GPU.
+    "full": {
+        "widths": [64, 128, 256, 512],
+        "blocks_per_stage": [2, 2, 2, 2],
+        "size": 128,
+        "images": 2048,
         "classes": 1000,
     },
 }
@@ -308,6 +321,9 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
     # params + grads + adamw state (~10.8 GB); the sum leaves room in 80 GB for bf16
     # weight copies and XLA's workspace. Sized by hand, not measured on a GPU.
     "reference": {"layers": 12, "dim": 2048, "heads": 16, "seq": 1024, "batch": 16, "vocab": 32768},
+    # 3x the reference's batch: ~113 GB of activations by the same estimate, beyond an
+    # 80 GB GPU without offloading. Sized by hand, not measured on a GPU.
+    "full": {"layers": 12, "dim": 2048, "heads": 16, "seq": 1024, "batch": 48, "vocab": 32768},
 }
 GPT_DEFAULTS = {
     "mlp_ratio": 4,

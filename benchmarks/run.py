@@ -1,7 +1,7 @@
 """Benchmark hetjax against plain JAX, JAX remat and JAX's own offload policy.
 
 Usage:
-    python benchmarks/run.py [--model mlp|cnn|gpt|gpt_scan] [--preset tiny|reference]
+    python benchmarks/run.py [--model mlp|cnn|gpt|gpt_scan] [--preset tiny|reference|full]
                              [--variants plain,jax_remat,...] [--steps 20] [--json PATH]
                              [--in-process]
 
