@@ -208,9 +208,10 @@ def run_backward(
         if r.decision == "recompute" and r.per_iteration:
             j = r.first_backward_use - num_fwd
             at = jaxpr.eqns[j].invars.index(res_invars[r.index])
-            rebuild = slice_rebuild(program.forward.jaxpr.eqns[r.produced_at],
-                                    res_vars[r.index], usage.recipes[r.index])  # fmt: skip
-            rebuilt.setdefault(j, {})[at] = rebuild
+            recipe = usage.recipes[r.index]
+            stacks = [input_value[i] for i in recipe.input_anchors]
+            scan = program.forward.jaxpr.eqns[r.produced_at]
+            rebuilt.setdefault(j, {})[at] = slice_rebuild(scan, res_vars[r.index], recipe, stacks)
     for r in plan.offloaded:
         if r.per_iteration:
             sliced.setdefault(r.first_backward_use - num_fwd, []).append(res_invars[r.index])
@@ -344,11 +345,14 @@ class SliceRebuild(NamedTuple):
     body_eqns: Any
     recipe: Recipe
     target: Var
+    input_stacks: tuple  # the stacked inputs of `recipe.input_slices`, whole
 
 
-def slice_rebuild(forward_scan: Any, v: Var, recipe: Recipe) -> SliceRebuild:
+def slice_rebuild(forward_scan: Any, v: Var, recipe: Recipe, inputs: Sequence[Any]) -> SliceRebuild:
+    """`inputs`: the values of the function inputs, numbered as `recipe.input_anchors`."""
     body = forward_scan.params["jaxpr"].jaxpr
-    return SliceRebuild(body.eqns, recipe, body.outvars[forward_scan.outvars.index(v)])
+    target = body.outvars[forward_scan.outvars.index(v)]
+    return SliceRebuild(body.eqns, recipe, target, tuple(inputs))
 
 
 def scan_from_host(
@@ -370,6 +374,7 @@ def scan_from_host(
     kept = [i not in rebuild for i in range(first, first + len(xs))]
     ready0 = [to_device(x.last) for x, f in zip(xs, flags, strict=True) if f]
     xs = [x.shifted if f else x for x, f, k in zip(xs, flags, kept, strict=True) if k]
+    extra = [stack for r in rebuild.values() for stack in r.input_stacks]  # more operands
 
     def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
         carry, ready = carry
@@ -381,11 +386,12 @@ def scan_from_host(
         x = [next(now) if f else s for s, f in zip(x, flags, strict=True)]
         for i, r in rebuild.items():
             anchors = {var: x[at - first] for var, at in r.recipe.slices}
+            anchors.update((var, next(slices)) for var in r.recipe.input_slices)
             x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
         return (outs[: len(init)], ahead), outs[len(init) :]
 
-    (carry, _), ys = _scan(eqn, iteration, (init, ready0), xs)
+    (carry, _), ys = _scan(eqn, iteration, (init, ready0), [*xs, *extra])
     return [*carry, *ys]
 
 

@@ -140,6 +140,7 @@ def step_usage(program: StepProgram) -> Usage:
     records = with_slice_recipes(
         records, recipes, jaxpr.eqns, readers_of=lambda k: readers[residual_vars[k]],
         stacked={v: (k, v) for k, v in enumerate(residual_vars)}, var_of=residual_vars,
+        input_index=input_index,
     )  # fmt: skip
     return Usage(
         program=program,
@@ -168,6 +169,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     closed = program.program
     jaxpr = closed.jaxpr
     res_vars = program.residual_vars
+    inputs_of_values = [*closed.consts, *inputs]  # numbered as recipes number inputs
     produced: dict[int, list[Var]] = {}
     # Stacked by a scan and moved inside the scans that make and read them, by the
     # position of each scan.
@@ -182,7 +184,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         v = res_vars[r.index]
         if r.decision == "recompute" and r.per_iteration:
             at = jaxpr.eqns[r.first_backward_use].invars.index(v)
-            rebuild_slices = slice_rebuild(jaxpr.eqns[r.produced_at], v, usage.recipes[r.index])
+            recipe = usage.recipes[r.index]
+            stacks = [inputs_of_values[i] for i in recipe.input_anchors]
+            rebuild_slices = slice_rebuild(jaxpr.eqns[r.produced_at], v, recipe, stacks)
             sliced_rebuilds.setdefault(r.first_backward_use, {})[at] = rebuild_slices
         elif r.decision == "recompute":
             rebuild.setdefault(r.first_backward_use, []).append(r.index)

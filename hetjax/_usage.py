@@ -104,9 +104,12 @@ class Recipe:
     input_anchors: tuple[int, ...]  # forward input indices it reads
     residual_anchors: tuple[int, ...]  # residual indices it reads
     # Set for a residual rebuilt one scan iteration at a time (`slice_recipe`): then
-    # `eqns` index the forward scan's body, and each residual anchor is a pair (body
-    # variable, operand index of the backward scan that reads that anchor's stack).
+    # `eqns` index the forward scan's body, each residual anchor is a pair (body
+    # variable, operand index of the backward scan that reads that anchor's stack), and
+    # each input anchor (a stacked function input, such as the layers' weights, that
+    # the backward scan is given as an extra operand) its body variable.
     slices: tuple[tuple[Var, int], ...] = ()
+    input_slices: tuple[Var, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +196,8 @@ def residual_usage(program: VjpProgram) -> Usage:
         )  # fmt: skip
     stacked = {v: (k, bwd_res_invars[k]) for v, k in residual_of.items()}
     records = with_slice_recipes(records, recipes, fwd.eqns, readers_of=lambda k: readers.get(
-        bwd_res_invars[k], []), stacked=stacked, var_of=res_vars)  # fmt: skip
+        bwd_res_invars[k], []), stacked=stacked, var_of=res_vars,
+        input_index=input_index)  # fmt: skip
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -211,20 +215,22 @@ def with_slice_recipes(
     readers_of: Any,
     stacked: dict[Var, tuple[int, Var]],
     var_of: Any,
+    input_index: dict[Var, int],
 ) -> list[ResidualUsage]:
     """Give each per-iteration residual that one scan iteration can rebuild cheaply
     from other stacked residuals a `slice_recipe` (added to `recipes`), and mark it
     recomputable. Anchors must be stored, not rebuilt themselves.
 
     `readers_of(k)` lists the backward equations reading residual `k`; `stacked` maps a
-    forward variable to its residual index and the variable the backward reads it as.
+    forward variable to its residual index and the variable the backward reads it as;
+    `input_index` numbers the function inputs.
     """
     found: dict[int, Recipe] = {}
     for r in records:
         if r.per_iteration and r.index not in recipes:
             (reader,) = readers_of(r.index)
             scan = forward_eqns[r.produced_at]
-            recipe = slice_recipe(scan, reader, var_of[r.index], stacked)
+            recipe = slice_recipe(scan, reader, var_of[r.index], stacked, input_index)
             if recipe is not None:
                 found[r.index] = recipe
     changed = True
@@ -240,12 +246,14 @@ def with_slice_recipes(
 
 
 def slice_recipe(
-    scan: Any, reader: Any, v: Var, stacked: dict[Var, tuple[int, Var]]
+    scan: Any, reader: Any, v: Var, stacked: dict[Var, tuple[int, Var]], input_index: dict
 ) -> Recipe | None:
     """How the backward scan `reader` can rebuild, in each iteration, its slice of `v`
     (a stacked output of the forward `scan`): cheap equations of `scan`'s body, run
     on that iteration's slices of other stacked residuals that `reader` reads too
-    (stacked outputs of `scan`, or stacked inputs such as the layers' weights)."""
+    (stacked outputs of `scan`, or stacked inputs such as the layers' weights), or of
+    stacked function inputs that `reader` can be given (the f32 weights of a layer's
+    bf16 copy)."""
     body = scan.params["jaxpr"].jaxpr
     num_carry = scan.params["num_carry"]
     first_stacked = scan.params["num_consts"] + num_carry
@@ -266,13 +274,24 @@ def slice_recipe(
         if at:
             anchors[inner] = j
             where[j] = (inner, at[0])
+    # Stacked inputs of `scan` that are function inputs, where no residual serves.
+    inputs = {
+        inner: input_index[outer]
+        for outer, inner in zip(scan.invars[first_stacked:], body.invars[first_stacked:])
+        if isinstance(outer, Var) and outer in input_index and inner not in anchors
+    }
     target = body.outvars[scan.outvars.index(v)]
     if not isinstance(target, Var):
         return None
-    recipe = recipe_for(body, target, def_use(body.eqns)[0], {}, anchors)
+    recipe = recipe_for(body, target, def_use(body.eqns)[0], inputs, anchors)
     if recipe is None:
         return None
-    return dataclasses.replace(recipe, slices=tuple(where[j] for j in recipe.residual_anchors))
+    body_var_of_input = {i: inner for inner, i in inputs.items()}
+    return dataclasses.replace(
+        recipe,
+        slices=tuple(where[j] for j in recipe.residual_anchors),
+        input_slices=tuple(body_var_of_input[i] for i in recipe.input_anchors),
+    )
 
 
 def _vjp_buffers(program: VjpProgram, residual_vars: set) -> tuple[tuple[int, int, int], ...]:

@@ -147,9 +147,10 @@ def test_scan_inside_a_nested_jit_moves_per_iteration():
     assert_trees_equal(jax.jit(jax.grad(h))(*args), jax.jit(jax.grad(loss))(*args))
 
 
-def test_scan_per_layer_weight_copies_stay_as_inputs():
+def test_scan_per_layer_weight_copies_rebuilt_from_the_weights():
     """A layer's bf16 copy of its f32 weight slice, stacked by the scan, is a view of
-    a parameter: kept like one, not sent over the link (GPU_FINDINGS, item 3)."""
+    a parameter: never sent over the link (GPU_FINDINGS, item 3), and not kept either:
+    the backward scan is given the f32 stack and rebuilds each layer's copy."""
 
     def loss(ws, x):
         def layer(h, w):
@@ -163,10 +164,13 @@ def test_scan_per_layer_weight_copies_stay_as_inputs():
     stacked = {r.dtype + str(list(r.shape)): r for r in hetjax.analyze(loss, ws, x, **ALL).residuals
                if r.primitive == "scan"}  # fmt: skip
     weights = stacked["bfloat16[3, 16, 16]"]
-    assert weights.is_input and weights.decision == "keep"
+    assert weights.is_input and (weights.decision, weights.move) == ("recompute", "per-iteration")
     assert stacked["bfloat16[3, 8, 16]"].move == "per-iteration"  # the activations move
     h = hetjax.het_offload(loss, **ALL)
     assert_trees_equal(jax.jit(jax.grad(h))(ws, x), jax.jit(jax.grad(loss))(ws, x))
+    backward = [e for e in scan_eqns(jax.make_jaxpr(jax.grad(h))(ws, x)) if e.params["reverse"]]
+    body = str(backward[0].params["jaxpr"])
+    assert "convert_element_type" in body and "f32[16,16]" in body  # rebuilt from f32
 
 
 @pytest.mark.parametrize("reverse", [False, True])
