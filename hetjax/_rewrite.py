@@ -384,10 +384,18 @@ def scan_from_host(
         # per scan, cheaper than a cond around the copy.
         ahead = [to_device(s) for s, f in zip(x, flags, strict=True) if f]
         x = [next(now) if f else s for s, f in zip(x, flags, strict=True)]
-        for i, r in rebuild.items():
-            anchors = {var: x[at - first] for var, at in r.recipe.slices}
-            anchors.update((var, next(slices)) for var in r.recipe.input_slices)
-            x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
+        inputs = {i: [next(slices) for _ in r.input_stacks] for i, r in rebuild.items()}
+
+        def rebuilt(i: int) -> Any:  # anchors that are rebuilt too come first
+            if x[i - first] is None:
+                r = rebuild[i]
+                anchors = {var: rebuilt(at) for var, at in r.recipe.slices}
+                anchors.update(zip(r.recipe.input_slices, inputs[i], strict=True))
+                x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
+            return x[i - first]
+
+        for i in rebuild:
+            rebuilt(i)
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
         return (outs[: len(init)], ahead), outs[len(init) :]
 

@@ -219,7 +219,7 @@ def with_slice_recipes(
 ) -> list[ResidualUsage]:
     """Give each per-iteration residual that one scan iteration can rebuild cheaply
     from other stacked residuals a `slice_recipe` (added to `recipes`), and mark it
-    recomputable. Anchors must be stored, not rebuilt themselves.
+    recomputable. Recipes are acyclic: an anchor is made before what it rebuilds.
 
     `readers_of(k)` lists the backward equations reading residual `k`; `stacked` maps a
     forward variable to its residual index and the variable the backward reads it as;
@@ -233,14 +233,7 @@ def with_slice_recipes(
             recipe = slice_recipe(scan, reader, var_of[r.index], stacked, input_index)
             if recipe is not None:
                 found[r.index] = recipe
-    changed = True
-    while changed:  # drop recipes that read a slice another recipe would rebuild
-        changed = False
-        for k, recipe in list(found.items()):
-            if any(a in found for a in recipe.residual_anchors):
-                del found[k]
-                changed = True
-    recipes.update(found)
+    recipes.update(found)  # an anchor may be rebuilt too: the rewrite rebuilds it first
     return [dataclasses.replace(r, recomputable=True) if r.index in found else r
             for r in records]  # fmt: skip
 
