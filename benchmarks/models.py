@@ -143,6 +143,14 @@ def mlp(preset: str) -> Model:
 
 # ---------------------------------------------------------------------------- cnn
 
+# ResNet-18 stages on 128x128 images; sized by hand, not measured on a GPU.
+CNN_REFERENCE: dict[str, Any] = {
+    "widths": [64, 128, 256, 512],
+    "blocks_per_stage": [2, 2, 2, 2],
+    "size": 128,
+    "images": 256,
+    "classes": 1000,
+}
 CNN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "widths": [8, 16],
@@ -151,23 +159,10 @@ CNN_PRESETS: dict[str, dict[str, Any]] = {
         "images": 8,
         "classes": 10,
     },
-    # ResNet-18 stages on 128x128 images; sized by hand, not measured on a GPU.
-    "reference": {
-        "widths": [64, 128, 256, 512],
-        "blocks_per_stage": [2, 2, 2, 2],
-        "size": 128,
-        "images": 256,
-        "classes": 1000,
-    },
+    "reference": CNN_REFERENCE,
     # 8x the reference's images: about 80 GB of activations by the same estimate,
     # beyond an 80 GB GPU without offloading. Sized by hand, not measured on a GPU.
-    "full": {
-        "widths": [64, 128, 256, 512],
-        "blocks_per_stage": [2, 2, 2, 2],
-        "size": 128,
-        "images": 2048,
-        "classes": 1000,
-    },
+    "full": CNN_REFERENCE | {"images": 2048},
 }
 CNN_IN_CHANNELS = 3
 BN_EPSILON = 1e-5
