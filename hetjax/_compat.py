@@ -1,7 +1,16 @@
 """The one place that touches JAX internals whose shape differs between versions.
 
-hetjax supports jax 0.10.x (the CPU package index) and 0.11.x (the GPU machines).
-Everything below is either a private JAX API or a spot where those versions differ.
+hetjax supports jax 0.10.x (the CPU package index), 0.11.x (the GPU machines) and
+0.12.x. Everything below is either a private JAX API or a spot where those versions
+differ; the rest of hetjax reads only this interface.
+
+What differs between them:
+- jax 0.12 merged `ClosedJaxpr` into `Jaxpr` (a jaxpr carries its consts, and the
+  legacy `.jaxpr` / `.consts` accessors read it as a closed one);
+- jax 0.11 replaced the `scan` params `num_consts` / `num_carry` with the flat trees
+  `ft_in` / `ft_out` (`scan_counts`);
+- jax 0.11 saves `one_minus_square(y)` for `tanh`, where 0.10 saves `y` and computes
+  `1 - y**2` in the backward (`VERSION_ELEMENTWISE`, `DERIVED_FORMS`).
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ import numpy as np
 from jax._src import core, dtypes, sharding_impls, source_info_util
 from jax._src.interpreters import partial_eval as pe
 
-ClosedJaxpr = core.ClosedJaxpr
+# jax 0.12: one `Jaxpr` class, which carries its consts; `.jaxpr` is itself.
+ClosedJaxpr = getattr(core, "ClosedJaxpr", core.Jaxpr)
 Jaxpr = core.Jaxpr
 JaxprEqn = core.JaxprEqn
 Literal = core.Literal
@@ -202,3 +212,20 @@ def sub_jaxprs(eqn: JaxprEqn) -> list[Jaxpr]:
 
 def typeof(x: Any) -> Any:
     return jax.typeof(x) if hasattr(jax, "typeof") else core.get_aval(x)
+
+
+# Cheap elementwise primitives that only some jax versions emit (recomputable).
+VERSION_ELEMENTWISE = frozenset({"one_minus_square"})  # jax >= 0.11: tanh's 1 - y**2
+# Of those, the ones a newer jax computes in the forward and saves where an older one
+# saves their input and computes them in the backward (`defer_derived_forms`).
+DERIVED_FORMS = frozenset({"one_minus_square"})
+
+
+def scan_counts(eqn: JaxprEqn) -> tuple[int, int]:
+    """`(num_consts, num_carry)` of a `scan` equation: its operands are the consts,
+    then the carry, then the stacked inputs; its outputs the carry, then the stacks."""
+    p = eqn.params
+    if "num_consts" in p:  # jax 0.10
+        return p["num_consts"], p["num_carry"]
+    consts, carry, _ = p["ft_in"].unpack()  # jax >= 0.11: flat trees of the operands
+    return len(consts), len(carry)

@@ -36,6 +36,7 @@ from ._compat import (
     eval_jaxpr,
     inner_name_stack,
     read_atom,
+    scan_counts,
     zeros_like_aval,
 )
 from ._plan import Plan
@@ -286,7 +287,7 @@ def replay(eqns: Sequence[Any], recipe: Recipe, target: Var, anchors: dict, afte
 
 def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:
     """A scan's operands (or flags over them) as `(consts, carry, stacked)`."""
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    nc, nk = scan_counts(eqn)
     return list(values[:nc]), list(values[nc : nc + nk]), list(values[nc + nk :])
 
 

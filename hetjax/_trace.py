@@ -15,8 +15,10 @@ import jax
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ._compat import (
+    DERIVED_FORMS,
     ClosedJaxpr,
     Jaxpr,
+    Var,
     bind_eqn,
     call_shardings,
     convert_constvars_jaxpr,
@@ -91,12 +93,84 @@ def trace_vjp(primal: Jaxpr | ClosedJaxpr, in_avals: Sequence[Any]) -> VjpProgra
 
     ct_avals = [_ct_shape(s) for s in out_shapes]
     bwd_closed = jax.make_jaxpr(backward)(res_shapes, ct_avals)
-    return VjpProgram(
+    program = VjpProgram(
         forward=fwd_closed,
         backward=bwd_closed,
         num_inputs=len(in_avals),
         num_outputs=len(out_shapes),
     )
+    return defer_derived_forms(program, in_avals, ct_avals)
+
+
+def defer_derived_forms(
+    program: VjpProgram, in_avals: Sequence[Any], ct_avals: Sequence[Any]
+) -> VjpProgram:
+    """`program` with each residual that the forward derives from one other value by
+    a `DERIVED_FORMS` equation (jax >= 0.11 saves tanh's `one_minus_square(y)`) stored
+    as that value instead, the equation running first thing in the backward.
+
+    Older jax stores `y` and computes `1 - y**2` in the backward. With this, every
+    supported version has the same residuals, so the same plan moves the same bytes;
+    and `y` is often a residual anyway (the next layer's input), so the derived
+    residual is rebuilt for free instead of moved. Values are unchanged: the same
+    equation runs on the same value, only later."""
+    fwd = program.forward.jaxpr
+    residuals = program.residual_vars
+    producer = {v: e for e in fwd.eqns for v in e.outvars}
+    read_in_forward = {v for e in fwd.eqns for v in e.invars if isinstance(v, Var)}
+    read_in_forward.update(v for v in fwd.outvars[: program.num_outputs] if isinstance(v, Var))
+    derived: dict[int, Any] = {}  # residual index -> the equation that derives it
+    for k, v in enumerate(residuals):
+        eqn = producer.get(v) if isinstance(v, Var) else None
+        if eqn is not None and eqn.primitive.name in DERIVED_FORMS and v not in read_in_forward:
+            (source,) = eqn.invars
+            if isinstance(source, Var):
+                derived[k] = eqn
+    if not derived:
+        return program
+    stored: list[Any] = []  # the new residual atoms; a source stored once
+    slot: list[int] = []  # residual k's value: stored[slot[k]], then its equation if derived
+    for k, v in enumerate(residuals):
+        atom = derived[k].invars[0] if k in derived else v
+        if isinstance(atom, Var) and atom in stored:
+            slot.append(stored.index(atom))
+        else:
+            slot.append(len(stored))
+            stored.append(atom)
+    skipped = {id(e) for e in derived.values()}  # not read in the forward any more
+    consts = program.forward.consts
+    num_outputs = program.num_outputs
+
+    def forward(*xs: Any) -> tuple[list[Any], list[Any]]:
+        env = _eval_env(fwd, consts, xs, skip=skipped)
+        return [read_atom(env, v) for v in fwd.outvars[:num_outputs]], [
+            read_atom(env, v) for v in stored
+        ]
+
+    fwd_closed, (_, stored_shapes) = jax.make_jaxpr(forward, return_shape=True)(*in_avals)
+    bwd = program.backward
+
+    def backward(values: list[Any], cts: list[Any]) -> list[Any]:
+        res = [
+            bind_eqn(derived[k], [values[slot[k]]])[0] if k in derived else values[slot[k]]
+            for k in range(len(residuals))
+        ]
+        return eval_jaxpr(bwd.jaxpr, bwd.consts, *res, *cts)
+
+    bwd_closed = jax.make_jaxpr(backward)(stored_shapes, list(ct_avals))
+    return dataclasses.replace(program, forward=fwd_closed, backward=bwd_closed)
+
+
+def _eval_env(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], skip: set) -> dict:
+    """Every value of `jaxpr` evaluated on `args`, but the equations in `skip` (ids)."""
+    env: dict[Any, Any] = {}
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        if id(eqn) not in skip:
+            outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+            env.update(zip(eqn.outvars, outs, strict=True))
+    return env
 
 
 def _ct_shape(s: Any) -> jax.ShapeDtypeStruct:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from ._compat import Var, is_extended, nbytes, on_host, source_line, sub_jaxprs
+from ._compat import (
+    VERSION_ELEMENTWISE,
+    Var,
+    is_extended,
+    nbytes,
+    on_host,
+    scan_counts,
+    source_line,
+    sub_jaxprs,
+)
 from ._trace import VjpProgram
 
 Decision = Literal["keep", "offload", "recompute"]
@@ -26,7 +35,7 @@ ELEMENTWISE_PRIMITIVES = frozenset(
     log log1p expm1 tanh logistic sqrt rsqrt sin cos erf pow eq ne gt ge lt le
     and or not""".split()
 )
-CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES
+CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES | VERSION_ELEMENTWISE
 # A parameter gathered or laid out anew (FSDP's `reshard` of a weight) is still a
 # copy of an input: kept on device as plain JAX keeps it, not moved, and not
 # recomputed, which would add a collective to the backward.
@@ -44,8 +53,10 @@ class ResidualUsage:
         ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
         >>> w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
         >>> report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
-        >>> [(r.primitive, r.decision) for r in report.residuals][1:]
-        [('argument', 'keep'), ('tanh', 'offload'), ('sub', 'recompute'), ('mul', 'recompute')]
+        >>> [(r.primitive, r.decision) for r in report.residuals if r.decision == "offload"]
+        [('tanh', 'offload')]
+        >>> report.moved_bytes  # tanh(x @ w): 32 x 64 float32; its derivatives are rebuilt
+        8192
     """
 
     index: int
@@ -248,9 +259,9 @@ def slice_recipe(
     stacked function inputs that `reader` can be given (the f32 weights of a layer's
     bf16 copy)."""
     body = scan.params["jaxpr"].jaxpr
-    num_carry = scan.params["num_carry"]
-    first_stacked = scan.params["num_consts"] + num_carry
-    first_read = reader.params["num_consts"] + reader.params["num_carry"]
+    num_consts, num_carry = scan_counts(scan)
+    first_stacked = num_consts + num_carry
+    first_read = sum(scan_counts(reader))
     pairs = [
         *zip(scan.outvars[num_carry:], body.outvars[num_carry:], strict=True),
         *zip(scan.invars[first_stacked:], body.invars[first_stacked:], strict=True),
@@ -347,12 +358,12 @@ def moves_per_iteration(producer: Any, v: Var, readers: list[Any], read_as: Var)
     does), reads (as `read_as`) only as a stacked input.
     Then each iteration's slice can go to host as it is made and come back for the
     iteration that reads it, and the stacked array never exists on device."""
-    if not is_scan(producer) or v not in producer.outvars[producer.params["num_carry"] :]:
+    if not is_scan(producer) or v not in producer.outvars[scan_counts(producer)[1] :]:
         return False
     if len(readers) != 1 or not is_scan(readers[0]):
         return False
     reader = readers[0]
-    first_stacked = reader.params["num_consts"] + reader.params["num_carry"]
+    first_stacked = sum(scan_counts(reader))
     at = [i for i, x in enumerate(reader.invars) if x is read_as]
     return (
         len(at) == 1
@@ -418,10 +429,11 @@ def _stacked_view_of_input(eqn: Any, v: Var, jaxpr: Any, producer: dict, input_i
     (slice, convert, ...) of what the iteration reads from a function input: the
     per-layer copies of stacked weights. Like the whole-array views of inputs, they
     are kept, never moved."""
-    if not is_scan(eqn) or v not in eqn.outvars[eqn.params["num_carry"] :]:
+    nc, nk = scan_counts(eqn) if is_scan(eqn) else (0, 0)
+    if not is_scan(eqn) or v not in eqn.outvars[nk:]:
         return False
     body = eqn.params["jaxpr"].jaxpr
-    nk, first_x = eqn.params["num_carry"], eqn.params["num_consts"] + eqn.params["num_carry"]
+    first_x = nc + nk
     from_inputs = {
         inner: None
         for i, (inner, outer) in enumerate(zip(body.invars, eqn.invars, strict=True))
