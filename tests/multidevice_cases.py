@@ -154,6 +154,18 @@ def collectives(compiled: Any) -> Counter:
     return Counter(COLLECTIVE.findall(compiled.as_text()))
 
 
+def reductions(compiled: Any) -> Counter:
+    """What the all-reduces reduce, by the `op_name` of each reduction, whether or not
+    XLA's combiner has merged several into one all-reduce (it joins their names
+    with ':')."""
+    found: Counter = Counter()
+    for line in compiled.as_text().splitlines():
+        if re.search(r"\ball-reduce(?:-start)?\(", line):
+            name = re.search(r'op_name="(?:jit\([^)]*\)/)?\(?([^"]*?)\)?"', line)
+            found.update(name.group(1).split(":") if name else ["?"])
+    return found
+
+
 def aliases(compiled: Any) -> list[str]:
     """The compiled program's input/output aliases: what donation bought."""
     header = compiled.as_text().split("\n", 1)[0]
@@ -214,7 +226,16 @@ def test_train_step(setup: Setup) -> None:
     args = setup.step_args()
     plain = setup.train_step(False).lower(*args).compile()
     het = setup.train_step(True).lower(*args).compile()
-    assert collectives(het) == collectives(plain)
+    if jax.__version_info__ < (0, 11):
+        assert collectives(het) == collectives(plain)
+    else:
+        # jax >= 0.11's XLA combines fewer all-reduces across hetjax's pins (fsdp with
+        # explicit axes: 4 against 2), but they are the same reductions.
+        def others(compiled: Any) -> Counter:
+            return Counter({k: n for k, n in collectives(compiled).items() if k != "all-reduce"})
+
+        assert others(het) == others(plain)
+        assert reductions(het) == reductions(plain)
 
     def run(step: Any) -> list:
         params, opt_state, x = setup.step_args()
@@ -292,7 +313,10 @@ def test_gathered_weights_stay_and_cheap_residuals_are_recomputed(setup: Setup) 
     assert ("reshard" in decision) == gathers
     if gathers:
         assert decision["reshard"] == {"keep"}
-    assert decision["sub"] == {"recompute"}
+    # jax 0.10 saves `1 - y` (sub); jax >= 0.11 `one_minus_square(y)`, stored as `y`.
+    if jax.__version_info__ < (0, 11):
+        assert decision["sub"] == {"recompute"}
+    assert "one_minus_square" not in decision
     assert decision["tanh"] == {"offload"}
 
 

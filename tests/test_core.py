@@ -25,6 +25,26 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# With jax >= 0.11 (its XLA), a pinned move late in the forward can split the fusion
+# of the loss's final reduction, and the CPU compiler then sums it in another order: a
+# returned loss may differ from plain by up to 2 units in the last place (seen with
+# jax 0.11.2 on CPU: the bf16 attention block, and the adamw, jit+checkpoint and
+# cond+fori+while train steps). Gradients and updates stay bitwise; the tests that
+# return a loss compare it with this many ulps.
+# TODO: pin moves without splitting the loss's fusion, and compare losses bitwise again.
+LOSS_ULPS = 0 if jax.__version_info__ < (0, 11) else 2
+# The derivative of tanh as a residual: jax 0.10 saves `y` and computes `1 - y` (`sub`)
+# in the forward; jax >= 0.11 saves `one_minus_square(y)` where hetjax cannot store `y`
+# instead (inside a scan body, or in a train step).
+TANH_DERIVATIVES = ("sub", "one_minus_square")
+NEW_FORMS = jax.__version_info__ >= (0, 11)
+
+
+def assert_losses_close(a, b):
+    """Loss values (a scalar or a list of them): bitwise, or within `LOSS_ULPS`."""
+    np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=LOSS_ULPS)
+
+
 def host_puts(jaxpr) -> int:
     return str(jaxpr).count("devices=(MemorySpace.Host,)")
 
@@ -50,6 +70,9 @@ def test_gradients_bitwise_equal(model, order):
     argnums = differentiable(args)
     expected = ORDERS[order](loss, argnums)(*args)
     got = ORDERS[order](hetjax.het_offload(loss, **ALL), argnums)(*args)
+    if order == "jit(value_and_grad)":
+        assert_losses_close(got[0], expected[0])
+        got, expected = got[1], expected[1]
     assert_trees_equal(got, expected)
 
 
@@ -107,10 +130,12 @@ def test_scan_residuals_move_per_iteration():
     stacked = [r for r in report.residuals if r.primitive == "scan"]
     assert stacked and all(r.move == "per-iteration" for r in stacked)
     assert "per-iteration" in report.table()
-    # The layer input and tanh(h @ w) move; 1 - tanh(...) is rebuilt from the latter's
-    # slice inside the backward loop (GPU_FINDINGS, item 3: cheap ones never move).
+    # jax 0.10: the layer input and tanh(h @ w) move; 1 - tanh(...) is rebuilt from the
+    # latter's slice inside the backward loop (GPU_FINDINGS, item 3: cheap ones never
+    # move). jax >= 0.11 stacks one_minus_square(y) itself, in place of y: two stacks move.
     moved = [r for r in stacked if r.decision == "offload"]
-    assert len(moved) == 2 and [r.decision for r in stacked].count("recompute") == 1
+    rebuilt = [r for r in stacked if r.decision == "recompute"]
+    assert len(moved) == 2 and len(rebuilt) == (0 if NEW_FORMS else 1)
 
     jaxpr = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, **ALL)))(*args)
     forward, backward = scan_eqns(jaxpr)
@@ -123,7 +148,8 @@ def test_scan_residuals_move_per_iteration():
     assert str(backward.params["jaxpr"]).count(fetches) == len(moved)
     assert sum("<host>" in str(v.aval) for v in backward.invars) == len(moved)
     assert str(jaxpr).count(fetches) == 2 * len(moved) + 1  # + the whole-array `mul`
-    assert "sub 1.0" in str(backward.params["jaxpr"])  # the rebuilt 1 - y
+    if not NEW_FORMS:
+        assert "sub 1.0" in str(backward.params["jaxpr"])  # the rebuilt 1 - y
 
 
 def test_scan_gpu_lowering_moves_inside_the_loops():
@@ -337,9 +363,13 @@ def test_inputs_and_weight_slices_are_never_offloaded():
             assert r.decision != "offload", r
     slices = [r for r in report.residuals if r.primitive == "squeeze"]
     assert slices and all(r.is_input and r.decision == "recompute" for r in slices)
-    # 1 - y**2 of tanh and the like are recomputed, not moved.
-    assert any(r.primitive == "sub" and r.decision == "recompute" for r in report.residuals)
-    assert any(r.primitive == "tanh" and r.decision == "offload" for r in report.residuals)
+    # 1 - y**2 of tanh and the like are rebuilt, not moved: only the tanh outputs move,
+    # whatever form the jax version saves (hetjax stores y for one_minus_square(y)).
+    moved = [r for r in report.residuals if r.decision == "offload"]
+    assert moved and {r.primitive for r in moved} == {"tanh"}
+    assert report.moved_bytes == sum(r.nbytes for r in moved)
+    assert not any(r.primitive in TANH_DERIVATIVES and r.decision != "recompute"
+                   for r in report.residuals)  # fmt: skip
 
 
 def test_min_bytes_and_callable_policy():

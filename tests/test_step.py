@@ -13,7 +13,7 @@ from flax import nnx
 from flax.training import train_state
 from jax import lax
 from lowering import placements_in_loops
-from test_core import ALL, assert_trees_equal, host_puts
+from test_core import ALL, NEW_FORMS, assert_losses_close, assert_trees_equal, host_puts
 
 import hetjax
 from hetjax._api import usage_and_plan
@@ -121,7 +121,8 @@ def test_optax_step_bitwise(case):
     expected = run_steps(jax.jit(step), params, tx.init(params), x)
     decorated = jax.jit(hetjax.het_offload(step, **ALL))
     got = run_steps(decorated, params, tx.init(params), x)
-    assert_trees_equal(got, expected)
+    assert_trees_equal(got[:2], expected[:2])  # parameters and optimizer state
+    assert_losses_close(got[2], expected[2])
     assert host_puts(jax.make_jaxpr(hetjax.het_offload(step, **ALL))(params, tx.init(params), x))
 
 
@@ -197,7 +198,8 @@ def test_scan_step_moves_per_iteration():
     report = hetjax.analyze(step, *args, **ALL)
     stacked = [r for r in report.residuals if r.primitive == "scan"]
     assert stacked and {r.move for r in stacked} == {"per-iteration"}
-    assert {r.decision for r in stacked} == {"offload", "recompute"}  # 1 - y is rebuilt
+    # jax 0.10 stacks y and 1 - y, rebuilt from y; jax >= 0.11 stacks 1 - y**2 alone.
+    assert {r.decision for r in stacked} == ({"offload"} if NEW_FORMS else {"offload", "recompute"})
     text = jax.jit(hetjax.het_offload(step, **ALL)).trace(*args)
     text = text.lower(lowering_platforms=("cuda",)).as_text()
     assert {"pinned_host", "device"} <= placements_in_loops(text)
@@ -233,9 +235,12 @@ def test_step_view_of_input_and_cheap_residuals_recomputed():
     _, plan = usage_and_plan(step, (w, x), {}, OPTIONS)
     views = [r for r in plan.residuals if r.is_input]
     assert views and all(r.decision == "recompute" for r in views)
-    # The `1 - y` of tanh too: rebuilt in the backward from `y`, never moved.
-    decisions = {r.primitive: r.decision for r in plan.residuals}
-    assert decisions["sub"] == "recompute" and decisions["tanh"] == "offload"
+    # One buffer moves: `y` with jax 0.10, whose `1 - y` is rebuilt in the backward;
+    # jax >= 0.11 saves `one_minus_square(y)` in its place, and that moves.
+    moved = [r.primitive for r in plan.residuals if r.decision == "offload"]
+    assert moved == (["one_minus_square"] if NEW_FORMS else ["tanh"])
+    if not NEW_FORMS:
+        assert {r.decision for r in plan.residuals if r.primitive == "sub"} == {"recompute"}
     jaxpr = str(jax.make_jaxpr(hetjax.het_offload(step, **ALL))(w, x))
     assert jaxpr.count("transpose[") == str(jax.make_jaxpr(step)(w, x)).count("transpose[") + 1
     assert_trees_equal(jax.jit(hetjax.het_offload(step, **ALL))(w, x), jax.jit(step)(w, x))
