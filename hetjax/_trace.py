@@ -109,22 +109,27 @@ def defer_derived_forms(
     a `DERIVED_FORMS` equation (jax >= 0.11 saves tanh's `one_minus_square(y)`) stored
     as that value instead, the equation running first thing in the backward.
 
-    Older jax stores `y` and computes `1 - y**2` in the backward. With this, every
-    supported version has the same residuals, so the same plan moves the same bytes;
-    and `y` is often a residual anyway (the next layer's input), so the derived
-    residual is rebuilt for free instead of moved. Values are unchanged: the same
-    equation runs on the same value, only later."""
+    Only where `y` is not a residual already (where it is, the derived residual is
+    rebuilt from it by the usage stage's recipes, as `one_minus_square` is cheap).
+    Older jax stores `y` and computes `1 - y` in the backward; with this, every
+    supported version stores `y` and the same plan moves the same bytes. The swap is
+    byte for byte (`y` and `1 - y**2` have one type), so plain's figures stay those of
+    jax's own residuals. Values are unchanged: the same equation runs on the same
+    value, only later."""
     fwd = program.forward.jaxpr
     residuals = program.residual_vars
     producer = {v: e for e in fwd.eqns for v in e.outvars}
     read_in_forward = {v for e in fwd.eqns for v in e.invars if isinstance(v, Var)}
     read_in_forward.update(v for v in fwd.outvars[: program.num_outputs] if isinstance(v, Var))
+    stored_anyway = {v for v in residuals if isinstance(v, Var)}
     derived: dict[int, Any] = {}  # residual index -> the equation that derives it
     for k, v in enumerate(residuals):
         eqn = producer.get(v) if isinstance(v, Var) else None
         if eqn is not None and eqn.primitive.name in DERIVED_FORMS and v not in read_in_forward:
             (source,) = eqn.invars
-            if isinstance(source, Var):
+            # A source that is a residual already needs nothing here: the usage stage
+            # rebuilds the derived value from it, and plain's figures keep counting both.
+            if isinstance(source, Var) and source not in stored_anyway:
                 derived[k] = eqn
     if not derived:
         return program

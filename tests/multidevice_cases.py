@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 import hetjax
 from hetjax._compat import sub_jaxprs
+from test_core import assert_losses_close
 
 ALL = dict(policy="all", min_bytes=0)
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
@@ -245,7 +246,9 @@ def test_train_step(setup: Setup) -> None:
             out.append((params, opt_state, value))
         return out
 
-    assert_same(run(het), run(plain))
+    got, expected = run(het), run(plain)
+    assert_same([g[:2] for g in got], [e[:2] for e in expected])
+    assert_losses_close([g[2] for g in got], [e[2] for e in expected])
     step = hetjax.het_offload(setup.train_step(False).__wrapped__, **ALL)
     assert_host_moves_keep_sharding(jax.make_jaxpr(step)(*args), setup.explicit)
 
@@ -313,10 +316,9 @@ def test_gathered_weights_stay_and_cheap_residuals_are_recomputed(setup: Setup) 
     assert ("reshard" in decision) == gathers
     if gathers:
         assert decision["reshard"] == {"keep"}
-    # jax 0.10 saves `1 - y` (sub); jax >= 0.11 `one_minus_square(y)`, stored as `y`.
-    if jax.__version_info__ < (0, 11):
-        assert decision["sub"] == {"recompute"}
-    assert "one_minus_square" not in decision
+    # jax 0.10 saves `1 - y` (sub); jax >= 0.11 `one_minus_square(y)`: both rebuilt.
+    form = "sub" if jax.__version_info__ < (0, 11) else "one_minus_square"
+    assert decision[form] == {"recompute"}
     assert decision["tanh"] == {"offload"}
 
 

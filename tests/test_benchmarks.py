@@ -156,3 +156,20 @@ def test_config_states_size(model: str) -> None:
     tiny = BUILDERS[model]("tiny")
     params, _ = jax.eval_shape(tiny.init)
     assert sum(x.size for x in jax.tree.leaves(params)) == tiny.config["params"]
+
+
+def test_reference_mlp_moves_its_layer_activations_on_every_jax_version() -> None:
+    """`policy="all"` on the reference MLP (GPU_FINDINGS.md) moves exactly the 16 layers'
+    tanh outputs, whatever residual forms the jax version saves (jax >= 0.11 saves
+    `one_minus_square(y)`; hetjax stores `y` and rebuilds it). Traced, not run."""
+    import jax
+
+    import hetjax
+
+    model = benchmark_models().MODELS["mlp"]("reference")
+    params, batch = jax.eval_shape(model.init)
+    report = hetjax.analyze(model.loss, params, batch, policy="all", min_bytes=0)
+    moved = [r for r in report.residuals if r.decision == "offload"]
+    layers, dim, rows = (model.config[k] for k in ("layers", "dim", "rows"))
+    assert [r.primitive for r in moved] == ["tanh"] * layers
+    assert report.moved_bytes == layers * rows * dim * 2 == 2048 * 2**20  # bf16

@@ -326,7 +326,8 @@ def test_flax_nnx_step_bitwise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no tracer leak, no warning of any kind
         got = _nnx_run(nnx.jit(decorated))
-    assert_trees_equal(got, expected)
+    assert_trees_equal(got[:2], expected[:2])  # the model and the optimizer state
+    assert_losses_close(got[2], expected[2])
     assert int(got[1]["step"].get_value()) == STEPS  # the optimizer really advanced
     model = NnxMLP(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
