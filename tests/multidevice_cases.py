@@ -31,10 +31,10 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, reshard
 from jax.sharding import PartitionSpec as P
+from test_core import assert_losses_close
 
 import hetjax
 from hetjax._compat import sub_jaxprs
-from test_core import assert_losses_close
 
 ALL = dict(policy="all", min_bytes=0)
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
