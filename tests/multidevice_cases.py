@@ -270,7 +270,8 @@ def test_donated_arguments(setup: Setup) -> None:
     assert len(aliases(plain)) == len(jax.tree.leaves(args[:2]))
     given_plain, given_het = setup.step_args(), setup.step_args()
     expected, got = plain(*given_plain), het(*given_het)
-    assert_same(got, expected)
+    assert_same(got[:2], expected[:2])
+    assert_losses_close(got[2], expected[2])
     for a, b in zip(jax.tree.leaves(given_het[:2]), jax.tree.leaves(given_plain[:2]), strict=True):
         assert a.is_deleted() == b.is_deleted()
     assert all(a.is_deleted() for a in jax.tree.leaves(given_het[0]))
