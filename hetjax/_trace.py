@@ -166,14 +166,21 @@ def defer_derived_forms(
     return dataclasses.replace(program, forward=fwd_closed, backward=bwd_closed)
 
 
-def _eval_env(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], skip: set) -> dict:
-    """Every value of `jaxpr` evaluated on `args`, but the equations in `skip` (ids)."""
+def _eval_env(
+    jaxpr: Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    bind: Any = bind_eqn,
+    skip: frozenset | set = frozenset(),
+) -> dict:
+    """Every value of `jaxpr` evaluated on `args`, each equation by `bind(eqn, invals)`,
+    but the equations in `skip` (ids)."""
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         if id(eqn) not in skip:
-            outs = bind_eqn(eqn, [read_atom(env, v) for v in eqn.invars])
+            outs = bind(eqn, [read_atom(env, v) for v in eqn.invars])
             env.update(zip(eqn.outvars, outs, strict=True))
     return env
 
@@ -195,21 +202,19 @@ def inline_calls(jaxpr: Jaxpr, inputs: Sequence[Any]) -> ClosedJaxpr:
 
 
 def _eval_inlined(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    env: dict[Any, Any] = {}
-    env.update(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    for eqn in jaxpr.eqns:
-        invals = [read_atom(env, v) for v in eqn.invars]
-        if inlinable_call(eqn):
-            inner = eqn.params["jaxpr"]
-            in_shardings, out_shardings = call_shardings(eqn)
-            with inner_name_stack(eqn):
-                invals = _constrain(invals, in_shardings)
-                outs = _constrain(_eval_inlined(inner.jaxpr, inner.consts, invals), out_shardings)
-        else:
-            outs = bind_eqn(eqn, invals)
-        env.update(zip(eqn.outvars, outs, strict=True))
+    env = _eval_env(jaxpr, consts, args, bind=_bind_inlined)
     return [read_atom(env, v) for v in jaxpr.outvars]
+
+
+def _bind_inlined(eqn: Any, invals: list[Any]) -> list[Any]:
+    """`eqn` bound to `invals`, or, for an inlinable `jit`, its body evaluated inline."""
+    if not inlinable_call(eqn):
+        return bind_eqn(eqn, invals)
+    inner = eqn.params["jaxpr"]
+    in_shardings, out_shardings = call_shardings(eqn)
+    with inner_name_stack(eqn):
+        invals = _constrain(invals, in_shardings)
+        return _constrain(_eval_inlined(inner.jaxpr, inner.consts, invals), out_shardings)
 
 
 def _constrain(values: list[Any], shardings: list[Any]) -> list[Any]:

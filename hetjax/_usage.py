@@ -429,8 +429,10 @@ def _stacked_view_of_input(eqn: Any, v: Var, jaxpr: Any, producer: dict, input_i
     (slice, convert, ...) of what the iteration reads from a function input: the
     per-layer copies of stacked weights. Like the whole-array views of inputs, they
     are kept, never moved."""
-    nc, nk = scan_counts(eqn) if is_scan(eqn) else (0, 0)
-    if not is_scan(eqn) or v not in eqn.outvars[nk:]:
+    if not is_scan(eqn):
+        return False
+    nc, nk = scan_counts(eqn)
+    if v not in eqn.outvars[nk:]:
         return False
     body = eqn.params["jaxpr"].jaxpr
     first_x = nc + nk
