@@ -107,7 +107,8 @@ def defer_derived_forms(
 ) -> VjpProgram:
     """`program` with each residual that the forward derives from one other value by
     a `DERIVED_FORMS` equation (jax >= 0.11 saves tanh's `one_minus_square(y)`) stored
-    as that value instead, the equation running first thing in the backward.
+    as that value instead, the equation running in the backward just before the first
+    equation that reads its result.
 
     Only where `y` is not a residual already (where it is, the derived residual is
     rebuilt from it by the usage stage's recipes, as `one_minus_square` is cheap).
@@ -156,11 +157,25 @@ def defer_derived_forms(
     bwd = program.backward
 
     def backward(values: list[Any], cts: list[Any]) -> list[Any]:
-        res = [
-            bind_eqn(derived[k], [values[slot[k]]])[0] if k in derived else values[slot[k]]
-            for k in range(len(residuals))
-        ]
-        return eval_jaxpr(bwd.jaxpr, bwd.consts, *res, *cts)
+        # Each derived residual is made just before its first reader, not all at the
+        # start: made early, every layer's would be live (and its source fetched) at once.
+        jaxpr = bwd.jaxpr
+        pending = {jaxpr.invars[k]: k for k in derived}
+        env = dict(zip(jaxpr.constvars, bwd.consts, strict=True))
+        env.update(
+            (jaxpr.invars[k], values[slot[k]]) for k in range(len(residuals)) if k not in derived
+        )
+        env.update(zip(jaxpr.invars[len(residuals) :], cts, strict=True))
+
+        def read(v: Any) -> Any:
+            k = pending.pop(v, None) if isinstance(v, Var) else None
+            if k is not None:
+                env[v] = bind_eqn(derived[k], [values[slot[k]]])[0]
+            return read_atom(env, v)
+
+        for eqn in jaxpr.eqns:
+            env.update(zip(eqn.outvars, bind_eqn(eqn, [read(v) for v in eqn.invars]), strict=True))
+        return [read(v) for v in jaxpr.outvars]
 
     bwd_closed = jax.make_jaxpr(backward)(stored_shapes, list(ct_avals))
     return dataclasses.replace(program, forward=fwd_closed, backward=bwd_closed)

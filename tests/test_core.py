@@ -300,6 +300,30 @@ def test_closed_over_tracer_gets_its_gradient():
     assert_trees_equal(jax.grad(outer)(w, x), jax.grad(loss)(w, x))
 
 
+@pytest.mark.skipif(not NEW_FORMS, reason="jax 0.10 saves no one_minus_square")
+def test_derived_forms_are_stored_as_their_source_and_made_where_read():
+    """jax >= 0.11 saves tanh's `one_minus_square(y)`; where `y` is not a residual,
+    hetjax stores `y`, and makes each `one_minus_square` in the backward right before
+    its reader: made at the start, every layer's would be live at once."""
+    from hetjax._trace import trace_vjp
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w[0])) + jnp.sum(jnp.tanh(x @ w[1]) ** 2)
+
+    w, x = jnp.full((2, 8, 8), 0.1), jnp.ones((4, 8))
+    program = trace_vjp(jax.make_jaxpr(loss)(w, x), (w, x))
+    assert "one_minus_square" not in str(program.forward)
+    produced = {v: e.primitive.name for e in program.forward.jaxpr.eqns for v in e.outvars}
+    assert [produced.get(v) for v in program.residual_vars].count("tanh") == 2
+    eqns = program.backward.jaxpr.eqns
+    made = [i for i, e in enumerate(eqns) if e.primitive.name == "one_minus_square"]
+    assert len(made) == 2
+    for i in made:
+        assert eqns[i].outvars[0] in eqns[i + 1].invars  # its first reader comes next
+    g = jax.jit(jax.grad(hetjax.het_offload(loss, **ALL)))(w, x)
+    assert_trees_equal(g, jax.jit(jax.grad(loss))(w, x))
+
+
 def test_second_order_gradient():
     f = lambda x: jnp.sum(jnp.tanh(x) ** 3)  # noqa: E731
     x = jnp.linspace(-1, 1, 16)
