@@ -3,12 +3,17 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from ._api import het_offload as het_offload
+from ._compile import CompiledMemory as CompiledMemory
+from ._compile import compile_for as compile_for
+from ._compile import compiled_memory as compiled_memory
 from ._cost import DeviceProfile as DeviceProfile
 from ._cost import measure_device as measure_device
 from ._plan import HetjaxWarning as HetjaxWarning
 from ._plan import Plan as Plan
 from ._report import Report as Report
 from ._report import analyze as analyze
+from ._target import target_devices as target_devices
+from ._target import target_names as target_names
 from ._usage import ResidualUsage as ResidualUsage
 
 try:

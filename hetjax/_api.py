@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -16,6 +17,7 @@ from ._graph import GraphArgs, is_graph_object
 from ._plan import Plan, Policy, check_options, make_plan
 from ._rewrite import run_backward, run_forward
 from ._step import holds_backward, run_step, step_program, step_usage
+from ._target import parse_target
 from ._trace import calls_a_scan, inline_calls, trace_primal, trace_vjp
 from ._usage import Usage, residual_usage
 
@@ -30,6 +32,7 @@ def het_offload(
     device_budget: float | None = ...,
     min_bytes: int = ...,
     profile: DeviceProfile | None = ...,
+    target: str | os.PathLike | None = ...,
 ) -> F: ...
 @overload
 def het_offload(
@@ -39,6 +42,7 @@ def het_offload(
     device_budget: float | None = ...,
     min_bytes: int = ...,
     profile: DeviceProfile | None = ...,
+    target: str | os.PathLike | None = ...,
 ) -> Callable[[F], F]: ...
 def het_offload(
     fun: Callable[..., Any] | None = None,
@@ -47,6 +51,7 @@ def het_offload(
     device_budget: float | None = None,
     min_bytes: int = 2**20,
     profile: DeviceProfile | None = None,
+    target: str | os.PathLike | None = None,
 ) -> Any:
     """Keep the residuals of `fun`'s VJP in host memory between forward and backward.
 
@@ -73,6 +78,9 @@ def het_offload(
       device_budget: target peak device bytes for `"auto"` (planner, issue 4).
       min_bytes: residuals smaller than this stay on device.
       profile: the `DeviceProfile` used for timing; defaults per platform.
+      target: the GPU that `.analyze` compiles for (`hetjax.target_names()`, `"h200x8"`,
+        or a description file), to report XLA's memory figures of the gradient
+        computation without and with the plan; None: the local GPU, if any.
 
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
@@ -87,6 +95,8 @@ def het_offload(
         128
     """
     check_options(policy, min_bytes, device_budget)
+    if target is not None:
+        parse_target(target)  # a bad name fails here, not at the first call
     if fun is None:
         return functools.partial(
             het_offload,
@@ -94,11 +104,15 @@ def het_offload(
             device_budget=device_budget,
             min_bytes=min_bytes,
             profile=profile,
+            target=target,
         )
     if not callable(fun):
         raise TypeError(f"het_offload: expected a callable, got {fun!r}")
 
-    options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
+    options = dict(
+        policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile,
+        target=target,
+    )  # fmt: skip
     if policy == "none":
 
         @functools.wraps(fun)
@@ -176,7 +190,8 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
         usage = residual_usage(trace_vjp(inline_calls(primal, inputs), inputs))
     else:
         usage = residual_usage(trace_vjp(primal, inputs))
-    rest = {k: v for k, v in options.items() if k != "policy"}
+    # TODO(#12): check the plan against the compiler for options["target"].
+    rest = {k: v for k, v in options.items() if k not in ("policy", "target")}
     return usage, make_plan(usage, options["policy"], **rest)
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import numpy as np
 
-from ._api import usage_and_plan
+from ._api import het_offload, usage_and_plan
+from ._check import CompiledComparison, checks_against, compile_both
 from ._cost import DeviceProfile
 from ._plan import Plan, Policy, check_options
+from ._step import StepProgram
+from ._target import parse_target
 from ._usage import ResidualUsage
 
 
@@ -18,6 +22,9 @@ class Report:
     """What `het_offload` would do to a function, computed without running it."""
 
     plan: Plan
+    # XLA's figures of the gradient computation without and with the plan, for the
+    # target (or local GPU) it was checked against; None where there was none.
+    compiled: CompiledComparison | None = None
 
     @property
     def residuals(self) -> tuple[ResidualUsage, ...]:
@@ -102,7 +109,20 @@ class Report:
         lines.append(f"predicted peak: {self.baseline_peak_bytes / 2**20:.2f} MiB -> "
                      f"{self.predicted_peak_bytes / 2**20:.2f} MiB; exposed transfer "
                      f"~{self.exposed_transfer_ms:.2f} ms; feasible: {self.feasible}")  # fmt: skip
+        lines.extend(self.compiled_lines())
         return "\n".join(lines)
+
+    def compiled_lines(self) -> list[str]:
+        """The compiled figures beside the predictions, or why there are none."""
+        c = self.compiled
+        if c is None:
+            return ["compiled: not checked (no GPU here; target='h200' gives XLA's H200 figures)"]
+        where = f"compiled for {c.plain.target} ({c.plain.device_kind}, jax {c.plain.jax_version})"
+        return [
+            f"{where}, not run:",
+            f"  without the plan: {c.plain.summary()}",
+            f"  with the plan:    {c.planned.summary()}; peak x{c.peak_ratio:.2f}",
+        ]
 
 
 def analyze(
@@ -112,20 +132,40 @@ def analyze(
     device_budget: float | None = None,
     min_bytes: int = 2**20,
     profile: DeviceProfile | None = None,
+    target: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Report:
     """The usage record and plan `het_offload` would use for `fun(*args, **kwargs)`.
 
+    With `target` (a GPU name from `hetjax.target_names()`, `"h200x8"`, or a description
+    file), or on a GPU, the report also holds XLA's compiled memory figures of the
+    gradient computation without and with the plan (`report.compiled`), beside the
+    planner's predictions. A loss's gradient computation is its value and gradient with
+    respect to the first argument; a train step is compiled as it is.
+
     Example:
-        >>> import jax.numpy as jnp, hetjax
+        >>> import jax, jax.numpy as jnp, hetjax
         >>> def loss(w, x):
         ...     return jnp.mean(jnp.tanh(x @ w) ** 2)
         >>> report = hetjax.analyze(loss, jnp.ones((64, 64)), jnp.ones((32, 64)),
         ...                         policy="all", min_bytes=0)
         >>> print(report.table().splitlines()[0].split()[:4])
         ['#', 'shape', 'dtype', 'MiB']
+        >>> w = x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+        >>> report = hetjax.analyze(loss, w, x, policy="all", target="h200")
+        >>> report.compiled.plain.host_temp_bytes, report.compiled.planned.host_temp_bytes
+        (0, 2097152)
+        >>> print(report.table().splitlines()[-3])
+        compiled for h200 (NVIDIA H200 141GB HBM3e, jax ...), not run:
     """
     check_options(policy, min_bytes, device_budget)
+    if target is not None:
+        parse_target(target)
     options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
-    _, plan = usage_and_plan(fun, args, kwargs, options)
-    return Report(plan)
+    usage, plan = usage_and_plan(fun, args, kwargs, options)
+    compiled = None
+    if checks_against(target):
+        planned = het_offload(fun, **options)
+        is_step = isinstance(usage.program, StepProgram)
+        compiled = compile_both(fun, planned, is_step, target, args, kwargs)
+    return Report(plan, compiled)

@@ -1,0 +1,218 @@
+"""Compiling for GPU targets without a GPU: XLA's real GPU programs, read on CPU.
+
+These tests need the CUDA plugin (`pip install "hetjax[gpu-compile]"`, part of `.[dev]`)
+and, on a machine without a GPU, `JAX_PLATFORMS=cpu` (tests/conftest.py sets it). Without
+the plugin they are skipped with the install command as the reason. Sizes are small, so
+each compile takes about a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from lowering import HOST, host_ops_in_loops
+
+import hetjax
+from hetjax import _target
+
+BF16 = jnp.bfloat16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_compile() -> None:
+    try:
+        hetjax.target_devices("h200")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+def spec(shape: tuple, dtype: object = BF16, sharding: object = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def mlp(ws: list, x: jax.Array) -> jax.Array:
+    for w in ws:
+        x = jnp.tanh(x @ w)
+    return jnp.mean(x.astype(jnp.float32) ** 2)
+
+
+def scan_mlp(ws: jax.Array, x: jax.Array) -> jax.Array:
+    x, _ = lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)
+    return jnp.mean(x.astype(jnp.float32) ** 2)
+
+
+WS = [spec((512, 512)) for _ in range(4)]
+X = spec((1024, 512))
+
+
+@pytest.mark.parametrize("name", ["a100_80gb", "b200", "h100_sxm", "h200"])
+def test_every_shipped_target_compiles(name: str) -> None:
+    description = (_target.TARGETS_DIR / f"{name}.txtpb").read_text()
+    kind = re.search(r'device_description_str: "(.+)"', description).group(1)
+    memory = hetjax.compiled_memory(mlp, WS, X, target=name)
+    assert memory.device_kind == kind
+    assert memory.argument_bytes == (4 * 512 * 512 + 1024 * 512) * 2
+    assert memory.peak_bytes == (
+        memory.argument_bytes + memory.output_bytes - memory.alias_bytes + memory.temp_bytes
+    )
+
+
+def test_target_names_and_counts() -> None:
+    assert set(hetjax.target_names()) >= {"a100_80gb", "b200", "h100_sxm", "h200"}
+    assert len(hetjax.target_devices("h200x8")) == 8
+    # A description file of the user's own, with a count.
+    path = _target.TARGETS_DIR / "h100_sxm.txtpb"
+    devices = hetjax.target_devices(f"{path}x2")
+    assert [d.device_kind for d in devices] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert hetjax.target_devices(path)[0].device_kind == "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize(
+    "target, error, match",
+    [
+        ("h300", ValueError, r"unknown target 'h300'.*'h200'"),
+        ("h200x0", ValueError, r"'h200x0'.*at least 1, got 0"),
+        (200, TypeError, r"target must be .*got 200"),
+    ],
+)
+def test_bad_targets_are_named(target: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        hetjax.compiled_memory(mlp, WS, X, target=target)
+    with pytest.raises(error, match=match):
+        hetjax.het_offload(mlp, target=target)
+    with pytest.raises(error, match=match):
+        hetjax.analyze(mlp, WS, X, target=target)
+
+
+def test_plugin_problems_name_the_fix() -> None:
+    assert "hetjax[gpu-compile]" in _target.plugin_problem(None, "0.11.2")
+    mismatch = _target.plugin_problem("0.11.2", "0.12.0")
+    assert "0.11.2" in mismatch and 'jax[cuda12-local]==0.12.0"' in mismatch
+    assert _target.plugin_problem("0.11.2", "0.11.2") is None
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the plugin registers on a GPU")
+def test_without_jax_platforms_cpu_the_error_says_what_to_set() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = (
+        "import hetjax\n"
+        "try:\n    hetjax.target_devices('h200')\n"
+        "except RuntimeError as e:\n    print('ERROR', e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "ERROR" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "JAX_PLATFORMS=cpu" in proc.stdout
+
+
+def test_a_moved_residual_is_host_bytes_and_plain_has_none() -> None:
+    report = hetjax.analyze(mlp, WS, X, policy="all", target="h200")
+    plain, planned = report.compiled.plain, report.compiled.planned
+    assert report.moved_bytes == 4 * 1024 * 512 * 2  # the four tanh outputs
+    assert plain.host_temp_bytes == 0
+    assert planned.host_temp_bytes == report.moved_bytes
+    # Nothing moved: no host bytes either, and the same argument and output bytes.
+    none = hetjax.analyze(mlp, WS, X, policy=lambda r: False, target="h200").compiled
+    assert none.planned.host_temp_bytes == 0
+    assert (none.planned.argument_bytes, none.planned.output_bytes) == (
+        plain.argument_bytes,
+        plain.output_bytes,
+    )
+    table = report.table()
+    assert "compiled for h200 (NVIDIA H200 141GB HBM3e" in table and "not run" in table
+
+
+def test_the_compiled_scan_moves_slices_inside_its_loops() -> None:
+    ws = spec((4, 512, 512))
+    offloaded = hetjax.het_offload(scan_mlp, policy="all", min_bytes=0, target="h200")
+    report = offloaded.analyze(ws, X)
+    stacks = [r for r in report.residuals if r.move == "per-iteration" and r.decision == "offload"]
+    assert len(stacks) == 2
+    text = hetjax.compile_for(jax.grad(offloaded), ws, X, target="h200").as_text()
+    # The forward loop writes each slice into a host buffer, the backward loop reads
+    # each slice from it: both inside while-loop bodies.
+    assert {"dynamic-update-slice", "dynamic-slice"} <= host_ops_in_loops(text)
+    assert report.compiled.planned.host_temp_bytes >= sum(r.nbytes for r in stacks)
+    plain_text = hetjax.compile_for(jax.grad(scan_mlp), ws, X, target="h200").as_text()
+    assert HOST not in plain_text
+
+
+COLLECTIVE = re.compile(
+    r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+
+
+def test_a_sharded_step_on_eight_gpus_keeps_collectives_and_per_device_bytes() -> None:
+    mesh = Mesh(np.array(hetjax.target_devices("h200x8")).reshape(4, 2), ("data", "model"))
+    weights = NamedSharding(mesh, P("data", None))  # FSDP: parameter rows over "data"
+    ws = [spec((1024, 1024), sharding=weights) for _ in range(4)]
+    x = spec((4096, 1024), sharding=NamedSharding(mesh, P(("data", "model"))))
+    tx = optax.adamw(1e-3)
+    opt_state = jax.tree.map(
+        lambda s: spec(s.shape, s.dtype, weights if s.ndim == 2 else NamedSharding(mesh, P())),
+        jax.eval_shape(tx.init, ws),
+    )
+
+    def step(ws: list, opt_state: object, x: jax.Array) -> tuple:
+        value, grads = jax.value_and_grad(mlp)(ws, x)
+        updates, opt_state = tx.update(grads, opt_state, ws)
+        return optax.apply_updates(ws, updates), opt_state, value
+
+    compiled = {
+        name: hetjax.compile_for(jax.jit(f), ws, opt_state, x, target="h200x8")
+        for name, f in [("plain", step), ("hetjax", hetjax.het_offload(step, policy="all"))]
+    }
+    kinds = {k: collections.Counter(COLLECTIVE.findall(c.as_text())) for k, c in compiled.items()}
+    assert kinds["hetjax"] == kinds["plain"] and kinds["plain"]["all-reduce"] > 0
+    memory = {k: hetjax._compile.memory_of(c, "h200x8") for k, c in compiled.items()}
+    shard_bytes = sum(
+        int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+        for a in jax.tree.leaves((ws, opt_state, x))
+    )
+    assert memory["plain"].argument_bytes == memory["hetjax"].argument_bytes == shard_bytes
+    assert memory["plain"].output_bytes == memory["hetjax"].output_bytes
+    # Each device sends its own shard of what the plan moves. The batch, and so every
+    # residual, is split 8 ways; under Auto axes the planner counts whole arrays. Host
+    # temp is the peak of live host buffers, and XLA may reuse one (jax 0.10: 3 of 4).
+    moved = hetjax.analyze(step, ws, opt_state, x, policy="all").moved_bytes
+    assert memory["plain"].host_temp_bytes == 0
+    assert moved // 8 >= memory["hetjax"].host_temp_bytes >= moved // 8 * 3 // 4
+    assert memory["hetjax"].peak_bytes < memory["plain"].peak_bytes
+
+
+def test_compiled_memory_of_a_jitted_function_keeps_its_donation() -> None:
+    def update(w: jax.Array, g: jax.Array) -> jax.Array:
+        return w - 0.1 * g
+
+    w = spec((1024, 1024), jnp.float32)
+    donated = hetjax.compiled_memory(jax.jit(update, donate_argnums=0), w, w, target="h200")
+    kept = hetjax.compiled_memory(update, w, w, target="h200")
+    assert donated.alias_bytes == 4 * 2**20 and kept.alias_bytes == 0
+    assert donated.peak_bytes == kept.peak_bytes - 4 * 2**20
+
+
+def test_local_backend_compiles_too() -> None:
+    memory = hetjax.compiled_memory(mlp, WS, X)
+    assert memory.target == "local"
+    assert memory.argument_bytes == (4 * 512 * 512 + 1024 * 512) * 2
+
+
+def test_analyze_on_cpu_without_a_target_says_it_did_not_compile() -> None:
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU, analyze compiles for it")
+    report = hetjax.analyze(mlp, WS, X, policy="all")
+    assert report.compiled is None
+    assert "compiled: not checked" in report.table()
