@@ -19,7 +19,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/hetjax-jax-ca
 "${PYTHON:-python}" -c "import jax; print('jax', jax.__version__, jax.devices())"
 for model in $MODELS; do
   echo "== $model ($PRESET), $(date -u +%H:%M:%S)"
-  timeout "${MODEL_TIMEOUT:-170}" "${PYTHON:-python}" benchmarks/run.py --model "$model" --preset "$PRESET" \
+  timeout "${MODEL_TIMEOUT:-170}" "${PYTHON:-python}" benchmarks/run.py --target local --model "$model" --preset "$PRESET" \
     --steps "${STEPS:-10}" --warmup 2 --timeout "${VARIANT_TIMEOUT:-90}" \
     --json "$OUT/${model}_${PRESET}.json" >"$OUT/${model}_${PRESET}.log" 2>&1
   echo "exit $?"

@@ -2,8 +2,20 @@
 
 Usage:
     python benchmarks/run.py [--model mlp|cnn|gpt|gpt_scan] [--preset tiny|reference|full]
+                             [--target h200|h100_sxm|a100_80gb|b200|local]
                              [--variants plain,jax_remat,...] [--steps 20] [--json PATH]
                              [--in-process]
+
+Two modes, chosen by `--target`:
+- **compiled** (`--target h200`, or any name of `hetjax.target_names()`; the default on a
+  machine without a GPU): every variant's train step is compiled for that GPU, on any
+  machine, and nothing runs. Each entry has XLA's memory figures for that GPU and
+  `compiled_peak_bytes` (argument + output - alias + temp); `step_ms`, `peak_bytes` and
+  `grad_rel_err` are null. The preset defaults to `reference`, and the JSON goes by
+  default to `benchmarks/results/compiled/<model>_<preset>_<target>_jax<version>.json`.
+  It needs the `gpu-compile` extra (in `.[dev]`).
+- **run** (`--target local`, the default on a GPU): the variants train on this machine's
+  device, as described below.
 
 Every variant trains the same model with one jitted step (`jax.value_and_grad` and an
 update by the model's optax optimizer: SGD for mlp and cnn, adamw for gpt and gpt_scan)
@@ -19,8 +31,9 @@ for the whole process. The worker records, in this order:
      and with the plan, bytes moved, per-iteration bytes, exposed ms), to check its
      model against the compiled and measured figures.
 
-The default preset is `tiny` on CPU and `reference` elsewhere. On CPU every memory kind
-is the same memory, so figures there check plumbing and numerics, never savings.
+In run mode the default preset is `tiny` on CPU and `reference` elsewhere. On CPU every
+memory kind is the same memory, so figures run there check plumbing and numerics, never
+savings: compile for a GPU target for those.
 
 The JAX baselines (remat, JAX offload) of the bf16 models can show a `grad_rel_err` of
 bf16 noise although they compute the same gradient (on CPU at the tiny preset: 9e-3 for
@@ -45,6 +58,7 @@ it asks a worker (`--info`) what the device is, so that it holds no device memor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -55,7 +69,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +80,11 @@ from jax.ad_checkpoint import checkpoint_name
 from models import MODELS, Array, Layer, Loss, Model
 
 import hetjax
+from hetjax import compile_for
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COMPILED_DIR = RESULTS_DIR / "compiled"
+LOCAL = "local"  # --target: run on this machine instead of compiling for a GPU
 # hetjax's default min_bytes (1 MiB) is larger than every residual of the tiny presets;
 # there it is 0 so that the tiny runs still move something (on paper: CPU moves nothing).
 TINY_MIN_BYTES = 0
@@ -197,6 +214,9 @@ RESULT_KEYS = (
     "host_temp_bytes",
     "argument_bytes",
     "output_bytes",
+    "alias_bytes",
+    "compiled_peak_bytes",
+    "target",
     "peak_bytes",
     "step_ms",
     "step_ms_min",
@@ -227,33 +247,35 @@ def train_step(loss: Loss, optimizer: optax.GradientTransformation) -> Step:
     return step
 
 
-def memory_fields(compiled: Any) -> dict[str, int | None]:
-    """The compiled program's memory figures (None where the backend gives none)."""
-    stats = compiled.memory_analysis()
-
-    def field(name: str) -> int | None:
-        value = getattr(stats, name, None)
-        return None if value is None else int(value)
-
+def memory_fields(compiled: Any, target: str = LOCAL) -> dict[str, Any]:
+    """The compiled program's memory figures, as `hetjax.CompiledMemory` reads them."""
+    memory = hetjax.CompiledMemory.of(compiled, target)
     return {
-        "temp_bytes": field("temp_size_in_bytes"),
-        "host_temp_bytes": field("host_temp_size_in_bytes"),
-        "argument_bytes": field("argument_size_in_bytes"),
-        "output_bytes": field("output_size_in_bytes"),
+        "temp_bytes": memory.temp_bytes,
+        "host_temp_bytes": memory.host_temp_bytes,
+        "argument_bytes": memory.argument_bytes,
+        "output_bytes": memory.output_bytes,
+        "alias_bytes": memory.alias_bytes,
+        "compiled_peak_bytes": memory.peak_bytes,
+        "target": target,
     }
 
 
 def compile_best(
-    candidates: Candidates, optimizer: optax.GradientTransformation, state: tuple, batch: Any
+    candidates: Candidates,
+    optimizer: optax.GradientTransformation,
+    state: tuple,
+    batch: Any,
+    target: str = LOCAL,
 ) -> tuple[str, Loss, Any, dict]:
-    """Compile every candidate's step; keep the one with the smallest temp bytes.
-
-    `state` is `(params, opt_state)`.
+    """Compile every candidate's step (for `target`, or for this machine); keep the one
+    with the smallest temp bytes. `state` is `(params, opt_state)`.
     """
     best = None
     for detail, loss in candidates.items():
-        compiled = jax.jit(train_step(loss, optimizer)).trace(*state, batch).lower().compile()
-        memory = memory_fields(compiled)
+        step = jax.jit(train_step(loss, optimizer))
+        compiled = compile_for(step, *state, batch, target=None if target == LOCAL else target)
+        memory = memory_fields(compiled, target)
         log(f"  compiled {detail}: temp {memory['temp_bytes']} B")
         temp = memory["temp_bytes"] if memory["temp_bytes"] is not None else float("inf")
         if best is None or temp < best[0]:
@@ -347,27 +369,14 @@ def empty_result(name: str) -> dict[str, Any]:
     return {key: None for key in RESULT_KEYS} | {"name": name}
 
 
-def measure(
-    model_name: str, preset: str, variant: str, steps: int, warmup: int, record_peak: bool = True
-) -> dict:
-    """One variant's figures; an exception is recorded in `error`, not raised."""
-    result = empty_result(variant) | {"warnings": []}
+@contextlib.contextmanager
+def recorded(result: dict) -> Iterator[None]:
+    """Record the `HetjaxWarning`s raised inside in `result["warnings"]`, and an
+    exception in `result["error"]` instead of raising it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", hetjax.HetjaxWarning)
         try:
-            model = load_model(model_name, preset)
-            params, batch = model.init()
-            state = (params, model.optimizer.init(params))
-            candidates = VARIANTS[variant](model)
-            detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
-            result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
-            log(f"  timing {steps} steps of {detail}")
-            times = time_steps(compiled, state, batch, steps, warmup)
-            result["peak_bytes"] = peak_bytes() if record_peak else None
-            result["step_ms"] = statistics.median(times)
-            result["step_ms_min"] = min(times)
-            g_ref = reference_grads(model_name, preset)
-            result["grad_rel_err"] = grad_rel_err(g_ref, loss, params, batch)
+            yield
         except Exception as e:  # any failure is a result to report
             traceback.print_exc(file=sys.stderr)
             result["error"] = f"{type(e).__name__}: {e}"
@@ -376,6 +385,41 @@ def measure(
             result["warnings"].append(str(w.message))
         else:  # other warnings still reach stderr as usual
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def measure(
+    model_name: str, preset: str, variant: str, steps: int, warmup: int, record_peak: bool = True
+) -> dict:
+    """One variant's figures; an exception is recorded in `error`, not raised."""
+    result = empty_result(variant) | {"warnings": []}
+    with recorded(result):
+        model = load_model(model_name, preset)
+        params, batch = model.init()
+        state = (params, model.optimizer.init(params))
+        candidates = VARIANTS[variant](model)
+        detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
+        result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
+        log(f"  timing {steps} steps of {detail}")
+        times = time_steps(compiled, state, batch, steps, warmup)
+        result["peak_bytes"] = peak_bytes() if record_peak else None
+        result["step_ms"] = statistics.median(times)
+        result["step_ms_min"] = min(times)
+        g_ref = reference_grads(model_name, preset)
+        result["grad_rel_err"] = grad_rel_err(g_ref, loss, params, batch)
+    return result
+
+
+def compile_variant(model_name: str, preset: str, variant: str, target: str) -> dict:
+    """One variant's train step compiled for `target`, from shapes only: nothing runs,
+    so there is no time, no measured peak and no gradient to compare."""
+    result = empty_result(variant) | {"warnings": []}
+    with recorded(result):
+        model = load_model(model_name, preset)
+        params, batch = jax.eval_shape(model.init)
+        state = (params, jax.eval_shape(model.optimizer.init, params))
+        candidates = VARIANTS[variant](model)
+        detail, loss, _, memory = compile_best(candidates, model.optimizer, state, batch, target)
+        result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
     return result
 
 
@@ -436,25 +480,29 @@ def progress_line(r: dict) -> str:
     if r["error"]:
         return f"{r['name']}: ERROR {r['error']}"
     notes = "".join(f"\n  HetjaxWarning: {w}" for w in r.get("warnings") or [])
+    ran = "" if r["step_ms"] is None else (
+        f", peak {mib(r['peak_bytes'])} MiB, {r['step_ms']:.2f} ms/step, "
+        f"grad rel err {r['grad_rel_err']:.1e}"
+    )  # fmt: skip
     return (
         f"{r['name']}: temp {mib(r['temp_bytes'])} MiB, host temp {mib(r['host_temp_bytes'])} "
-        f"MiB, peak {mib(r['peak_bytes'])} MiB, {r['step_ms']:.2f} ms/step, "
-        f"grad rel err {r['grad_rel_err']:.1e} [{r.get('detail', '')}]{notes}"
+        f"MiB, compiled peak {mib(r['compiled_peak_bytes'])} MiB{ran} [{r.get('detail', '')}]"
+        f"{notes}"
     )
 
 
+def ratio(value: float | None, base: float | None) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}"
+
+
 def table(results: list[dict]) -> str:
-    """A markdown table of the results, step time relative to `plain` if it ran."""
-    base = next((r["step_ms"] for r in results if r["name"] == "plain" and r["step_ms"]), None)
-    header = [
-        "variant",
-        "temp MiB",
-        "host temp MiB",
-        "peak MiB",
-        "step ms",
-        "vs plain",
-        "grad rel err",
-    ]
+    """A markdown table of the results, compiled peak and step time relative to `plain`."""
+    plain = next((r for r in results if r["name"] == "plain" and not r["error"]), None)
+    base_peak, base_ms = (None, None) if plain is None else (
+        plain["compiled_peak_bytes"], plain["step_ms"]
+    )  # fmt: skip
+    header = ["variant", "temp MiB", "host temp MiB", "compiled peak MiB", "vs plain",
+              "peak MiB", "step ms", "vs plain", "grad rel err"]  # fmt: skip
     rows = [header, ["---"] * len(header)]
     for r in results:
         ms = r["step_ms"]
@@ -463,9 +511,11 @@ def table(results: list[dict]) -> str:
                 r["name"] + (" (error)" if r["error"] else ""),
                 mib(r["temp_bytes"]),
                 mib(r["host_temp_bytes"]),
+                mib(r["compiled_peak_bytes"]),
+                ratio(r["compiled_peak_bytes"], base_peak),
                 mib(r["peak_bytes"]),
                 "-" if ms is None else f"{ms:.2f}",
-                "-" if ms is None or base is None else f"{ms / base:.2f}",
+                ratio(ms, base_ms),
                 "-" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}",
             ]
         )
@@ -477,9 +527,13 @@ def slug(text: str) -> str:
 
 
 def json_path(args: argparse.Namespace, info: dict) -> Path | None:
-    """`--json`, else the default results file on a GPU, else None (CPU writes nothing)."""
+    """`--json`, else the default results file of a compile or of a GPU run, else None
+    (a CPU run writes nothing)."""
     if args.json:
         return Path(args.json)
+    if args.target != LOCAL:
+        name = f"{args.model}_{args.preset}_{slug(args.target)}_jax{info['jax_version']}.json"
+        return COMPILED_DIR / name
     if info["platform"] != "gpu":
         return None
     return RESULTS_DIR / f"{args.model}_{args.preset}_{slug(info['device_kind'])}.json"
@@ -488,7 +542,15 @@ def json_path(args: argparse.Namespace, info: dict) -> Path | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp", choices=sorted(MODELS))
-    parser.add_argument("--preset", default=None, help="default: tiny on CPU, else reference")
+    parser.add_argument(
+        "--preset", default=None, help="default: reference, or tiny for a run on CPU"
+    )
+    parser.add_argument(
+        "--target",
+        default=None,
+        help=f"a GPU to compile for, without running ({', '.join(hetjax.target_names())}), "
+        f"or '{LOCAL}' to run on this machine; default: '{LOCAL}' on a GPU, else h200",
+    )
     parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
@@ -523,11 +585,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return 0
 
+    if args.target not in (None, LOCAL):
+        return compile_main(args)
     info, error = (device_info(), "") if args.in_process else run_worker(["--info"], args.timeout)
     if info is None:
         print(f"could not start a JAX worker: {error}", file=sys.stderr)
         return 2
     on_cpu = info["platform"] == "cpu"
+    if args.target is None and info["platform"] != "gpu":
+        args.target = "h200"  # no GPU here: figures that mean something are compiled ones
+        return compile_main(args)
+    args.target = LOCAL
     args.preset = args.preset or ("tiny" if on_cpu else "reference")
     try:
         config = MODELS[args.model](args.preset).config
@@ -545,12 +613,48 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants.split(","):
         results.append(run_variant(args, variant))
         print(progress_line(results[-1]), flush=True)
-    print(table(results), flush=True)
+    return finish(args, info, device, config, results)
 
+
+def compile_main(args: argparse.Namespace) -> int:
+    """Compiled mode: every variant compiled for `args.target` in this process."""
+    if os.environ.get("JAX_PLATFORMS") is None:
+        # No GPU needed: the CUDA plugin registers its compile-only targets only when
+        # JAX starts on the CPU platform (hetjax/_target.py).
+        jax.config.update("jax_platforms", "cpu")
+    args.preset = args.preset or "reference"
+    try:
+        config = MODELS[args.model](args.preset).config
+        (target_device, *_) = hetjax.target_devices(args.target)
+    except (ValueError, RuntimeError) as e:
+        print(f"{e}\n(or run on this machine instead: --target {LOCAL})", file=sys.stderr)
+        return 2
+    info = device_info() | {"platform": "compiled", "device_kind": target_device.device_kind}
+    device = f"{target_device.device_kind} (compiled for {args.target}, not run)"
+    print(f"{args.model} / {args.preset}: {device}, jax {info['jax_version']}")
+    print(
+        f"note: XLA's memory figures for the {args.target} program, compiled on this "
+        f"machine: nothing runs, so there is no step time, measured peak or gradient check.",
+        flush=True,
+    )
+    results = []
+    for variant in args.variants.split(","):
+        getattr(getattr(hetjax, "_plan", None), "_warned", set()).clear()
+        results.append(compile_variant(args.model, args.preset, variant, args.target))
+        print(progress_line(results[-1]), flush=True)
+    return finish(args, info, device, config, results)
+
+
+def finish(
+    args: argparse.Namespace, info: dict, device: str, config: dict, results: list[dict]
+) -> int:
+    """Print the table and write the JSON; non-zero when a variant failed."""
+    print(table(results), flush=True)
     path = json_path(args, info)
     if path is not None:
         report = {
             "device": device,
+            "target": args.target,
             "jax_version": info["jax_version"],
             "xla_flags": info["xla_flags"],
             "model": args.model,

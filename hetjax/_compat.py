@@ -131,9 +131,21 @@ def source_line(eqn: JaxprEqn) -> str:
         frame = (mine or frames or [None])[0]
         if frame is None:
             return "unknown"
-        return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+        return f"{short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
     except Exception:  # pragma: no cover - summaries are best effort
         return "unknown"
+
+
+def short_path(path: str) -> str:
+    """`path` relative to the working directory when it is inside it, else its file name:
+    a table names the user's file without printing the layout of their machine.
+
+    Example:
+        >>> short_path("/somewhere/else/train.py")
+        'train.py'
+    """
+    relative = os.path.relpath(path) if os.path.isabs(path) else path
+    return os.path.basename(path) if relative.startswith("..") else relative
 
 
 def is_transpose(eqn: JaxprEqn) -> bool:

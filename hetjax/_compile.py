@@ -36,6 +36,29 @@ class CompiledMemory:
     temp_bytes: int
     host_temp_bytes: int
 
+    @classmethod
+    def of(cls, compiled: Any, target: str = "local") -> CompiledMemory:
+        """The figures of a compiled program (`jax.jit(f).lower(...).compile()`, or
+        `hetjax.compile_for`), compiled for `target`."""
+        stats = compiled.memory_analysis()
+        if stats is None:
+            raise RuntimeError(f"the {target!r} backend gives no memory analysis")
+
+        def field(name: str) -> int:
+            return int(getattr(stats, name, 0) or 0)
+
+        (device, *_) = _devices_of(compiled)
+        return cls(
+            target=target,
+            device_kind=device.device_kind,
+            jax_version=jax.__version__,
+            argument_bytes=field("argument_size_in_bytes"),
+            output_bytes=field("output_size_in_bytes"),
+            alias_bytes=field("alias_size_in_bytes"),
+            temp_bytes=field("temp_size_in_bytes"),
+            host_temp_bytes=field("host_temp_size_in_bytes"),
+        )
+
     @property
     def peak_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
@@ -97,29 +120,7 @@ def compiled_memory(
         True
     """
     compiled = compile_for(fun, *args, target=target, **kwargs)
-    return memory_of(compiled, "local" if target is None else os.fspath(target))
-
-
-def memory_of(compiled: Any, target: str) -> CompiledMemory:
-    """The `CompiledMemory` of a compiled program."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise RuntimeError(f"the {target!r} backend gives no memory analysis for its programs")
-
-    def field(name: str) -> int:
-        return int(getattr(stats, name, 0) or 0)
-
-    (device, *_) = _devices_of(compiled)
-    return CompiledMemory(
-        target=target,
-        device_kind=device.device_kind,
-        jax_version=jax.__version__,
-        argument_bytes=field("argument_size_in_bytes"),
-        output_bytes=field("output_size_in_bytes"),
-        alias_bytes=field("alias_size_in_bytes"),
-        temp_bytes=field("temp_size_in_bytes"),
-        host_temp_bytes=field("host_temp_size_in_bytes"),
-    )
+    return CompiledMemory.of(compiled, "local" if target is None else os.fspath(target))
 
 
 def _devices_of(compiled: Any) -> list[Any]:

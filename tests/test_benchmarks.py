@@ -43,6 +43,7 @@ TOP_KEYS = {
     "device": str,
     "jax_version": str,
     "xla_flags": str,
+    "target": str,
     "model": str,
     "preset": str,
     "config": dict,
@@ -55,6 +56,9 @@ VARIANT_KEYS = {
     "host_temp_bytes": INT_OR_NONE,
     "argument_bytes": INT_OR_NONE,
     "output_bytes": INT_OR_NONE,
+    "alias_bytes": int,
+    "compiled_peak_bytes": int,
+    "target": str,
     "peak_bytes": INT_OR_NONE,
     "step_ms": float,
     "step_ms_min": float,
@@ -84,6 +88,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     for model in dict.fromkeys(selected):
         folder = tmp_path_factory.mktemp(model)
         command = [sys.executable, str(RUN), "--model", model, "--preset", "tiny"]
+        command += ["--target", "local"]
         command += ["--steps", "2", "--json", str(folder / "out.json")]
         command += [] if model in FRESH_PROCESSES else ["--in-process"]
         cache = {"JAX_COMPILATION_CACHE_DIR": str(folder / "cache")}
@@ -173,3 +178,53 @@ def test_reference_mlp_moves_its_layer_activations_on_every_jax_version() -> Non
     layers, dim, rows = (model.config[k] for k in ("layers", "dim", "rows"))
     assert [r.primitive for r in moved] == ["tanh"] * layers
     assert report.moved_bytes == layers * rows * dim * 2 == 2048 * 2**20  # bf16
+
+
+def test_compiled_mode_gives_the_figures_of_a_hand_made_compile(tmp_path: Path) -> None:
+    """`run.py --target h200` on the reference mlp: plain's temp bytes are those of the
+    same train step compiled by hand for a compile-only H200 (GPU_COMPILE.md's recipe)."""
+    import jax
+    import optax
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    import hetjax
+
+    try:
+        hetjax.target_devices("h200")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "mlp.json"
+    command = [sys.executable, str(RUN), "--target", "h200", "--model", "mlp"]
+    command += ["--preset", "reference", "--variants", "plain,hetjax_all", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "not run" in proc.stdout
+    report = json.loads(out.read_text())
+    plain, offloaded = report["variants"]
+    assert report["target"] == "h200" and plain["target"] == "h200"
+    assert plain["step_ms"] is None and plain["peak_bytes"] is None
+    assert plain["grad_rel_err"] is None
+
+    text = (Path(hetjax.__file__).parent / "targets" / "h200.txtpb").read_text()
+    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=text)
+    on_h200 = SingleDeviceSharding(topology.devices[0])
+    model = benchmark_models().MODELS["mlp"]("reference")
+    params, batch = jax.eval_shape(model.init)
+    args = (params, jax.eval_shape(model.optimizer.init, params), batch)
+    args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_h200), args)
+
+    def step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(model.loss)(params, batch)
+        updates, opt_state = model.optimizer.update(grads, opt_state, params)
+        return value, optax.apply_updates(params, updates), opt_state
+
+    stats = jax.jit(step).trace(*args).lower().compile().memory_analysis()
+    assert plain["temp_bytes"] == stats.temp_size_in_bytes
+    assert plain["host_temp_bytes"] == stats.host_temp_size_in_bytes == 0
+    assert plain["compiled_peak_bytes"] == (
+        stats.argument_size_in_bytes + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+    )  # fmt: skip
+    # The 16 layers' tanh outputs (2 GiB) live in host memory.
+    assert offloaded["host_temp_bytes"] == offloaded["predicted"]["moved_bytes"] == 2**31

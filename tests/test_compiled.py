@@ -177,7 +177,7 @@ def test_a_sharded_step_on_eight_gpus_keeps_collectives_and_per_device_bytes() -
     }
     kinds = {k: collections.Counter(COLLECTIVE.findall(c.as_text())) for k, c in compiled.items()}
     assert kinds["hetjax"] == kinds["plain"] and kinds["plain"]["all-reduce"] > 0
-    memory = {k: hetjax._compile.memory_of(c, "h200x8") for k, c in compiled.items()}
+    memory = {k: hetjax.CompiledMemory.of(c, "h200x8") for k, c in compiled.items()}
     shard_bytes = sum(
         int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
         for a in jax.tree.leaves((ws, opt_state, x))

@@ -8,10 +8,15 @@ in CI), not whatever `python3` kernel a user or system Jupyter folder happens to
 So the `kernel_env` fixture writes a `python3` kernelspec for `sys.executable` into a temp
 folder with ipykernel's `write_kernel_spec` and puts that folder first on `JUPYTER_PATH`,
 which jupyter_client searches before the user, environment and system folders.
+
+The committed files carry their outputs, charts included, as a reader opens them: they are
+executed the same way (`MPLBACKEND=module://matplotlib_inline.backend_inline`,
+`JAX_PLATFORMS=cpu`) and written back, and must print no path of the machine that ran them.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -58,3 +63,21 @@ def test_notebook_executes(name: str, kernel_env: None) -> None:
         if output.get("output_type") == "error"
     ]
     assert not errors, errors
+
+
+# An absolute path in a printed output: a POSIX or home-relative path of some machine.
+MACHINE_PATH = re.compile(r"(?<![\w.])(/(home|work|tmp|Users|root|opt|var|mnt)/|~/)")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_outputs_have_charts_and_no_machine_paths(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} holds no chart"
+    texts = [o.get("text", "") for o in outputs]
+    texts += [o.get("data", {}).get("text/plain", "") for o in outputs]
+    texts += ["\n".join(o.get("traceback", [])) for o in outputs]
+    for text in texts:
+        text = "".join(text) if isinstance(text, list) else text
+        assert str(NOTEBOOKS.parent) not in text, text
+        assert not MACHINE_PATH.search(text), text
