@@ -228,3 +228,14 @@ def test_compiled_mode_gives_the_figures_of_a_hand_made_compile(tmp_path: Path) 
     )  # fmt: skip
     # The 16 layers' tanh outputs (2 GiB) live in host memory.
     assert offloaded["host_temp_bytes"] == offloaded["predicted"]["moved_bytes"] == 2**31
+
+
+def test_compiled_mode_names_a_bad_target() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--target", "h300", "--variants", "plain"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    assert "unknown target 'h300'" in proc.stderr and "--target local" in proc.stderr
