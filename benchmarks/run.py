@@ -95,19 +95,21 @@ CPU_NOTE = (
 )
 
 # ------------------------------------------------------------------------------ variants
-# A variant builder maps a model to candidate losses {detail: loss}. The worker compiles
-# every candidate and keeps the one with the smallest compiled temp bytes.
+# A variant builder maps a model, and the GPU target it is compiled for (None: this
+# machine), to candidate losses {detail: loss}. The worker compiles every candidate and
+# keeps the one with the smallest compiled temp bytes.
 Candidates = dict[str, Loss]
+Builder = Callable[[Model, "str | None"], Candidates]
 
 
-def plain(model: Model) -> Candidates:
+def plain(model: Model, target: str | None = None) -> Candidates:
     return {"jax.value_and_grad": model.loss}
 
 
-def remat_with(policy_name: str) -> Callable[[Model], Candidates]:
+def remat_with(policy_name: str) -> Builder:
     """Per-layer `jax.checkpoint` with one `jax.checkpoint_policies` policy."""
 
-    def build(model: Model) -> Candidates:
+    def build(model: Model, target: str | None = None) -> Candidates:
         policy = getattr(jax.checkpoint_policies, policy_name)
         loss = model.loss_with(lambda layer: jax.checkpoint(layer, policy=policy))
         return {f"per-layer checkpoint, policy={policy_name}": loss}
@@ -115,7 +117,7 @@ def remat_with(policy_name: str) -> Callable[[Model], Candidates]:
     return build
 
 
-def jax_remat(model: Model) -> Candidates:
+def jax_remat(model: Model, target: str | None = None) -> Candidates:
     """Both remat policies; the worker reports the one with the smaller temp."""
     return {**remat_with("nothing_saveable")(model), **remat_with("dots_saveable")(model)}
 
@@ -129,7 +131,7 @@ def name_output(layer: Layer) -> Layer:
     return named
 
 
-def jax_offload(model: Model) -> Candidates:
+def jax_offload(model: Model, target: str | None = None) -> Candidates:
     """JAX's own offload policies on the whole loss.
 
     Always: every layer output saved to pinned host, nothing else saved. For models
@@ -156,38 +158,44 @@ def jax_offload(model: Model) -> Candidates:
     return candidates
 
 
-def hetjax_with(policy: str) -> Callable[[Model], Candidates]:
-    """`hetjax.het_offload(loss, policy=policy)` on the whole loss."""
+def hetjax_with(policy: str) -> Builder:
+    """`hetjax.het_offload(loss, policy=policy, target=target)` on the whole loss: with a
+    target (or on a GPU), `"auto"` checks its plan against that compiler."""
 
-    def build(model: Model) -> Candidates:
+    def build(model: Model, target: str | None = None) -> Candidates:
         min_bytes = TINY_MIN_BYTES if model.preset == "tiny" else DEFAULT_MIN_BYTES
-        loss = hetjax.het_offload(model.loss, policy=policy, min_bytes=min_bytes)
+        loss = hetjax.het_offload(model.loss, policy=policy, min_bytes=min_bytes, target=target)
         return {f"het_offload(policy={policy!r}, min_bytes={min_bytes})": loss}
 
     return build
 
 
-def hetjax_budget(fraction: float) -> Callable[[Model], Candidates]:
-    """`policy="auto"` with a device budget of `fraction` x the planner's plain peak.
+def hetjax_budget(fraction: float) -> Builder:
+    """`policy="auto"` with a device budget of `fraction` x plain's peak.
 
-    The reference is hetjax's own prediction for the undecorated step (the measured
-    plain peak lives in another process), so the budget is known before compiling.
+    Where there is a compiler to check against (a target, or a GPU), the budget is in
+    compiled bytes: `fraction` x the compiled peak of the loss's gradient computation
+    without hetjax, and the planner checks its plan against that compiler. Elsewhere it
+    is `fraction` x the planner's predicted plain peak (a model).
     """
 
-    def build(model: Model) -> Candidates:
+    def build(model: Model, target: str | None = None) -> Candidates:
         min_bytes = TINY_MIN_BYTES if model.preset == "tiny" else DEFAULT_MIN_BYTES
         params, batch = jax.eval_shape(model.init)
-        plain_peak = hetjax.analyze(model.loss, params, batch, policy="none").baseline_peak_bytes
-        budget = fraction * plain_peak
+        plain = hetjax.analyze(model.loss, params, batch, policy="none", target=target)
+        if plain.compiled is not None:
+            budget, unit = fraction * plain.compiled.plain.peak_bytes, "compiled"
+        else:
+            budget, unit = fraction * plain.baseline_peak_bytes, "predicted"
         loss = hetjax.het_offload(
-            model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes
+            model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes, target=target
         )
-        return {f"het_offload(policy='auto', device_budget={budget:.0f} B)": loss}
+        return {f"het_offload(policy='auto', device_budget={budget:.0f} B {unit})": loss}
 
     return build
 
 
-VARIANTS: dict[str, Callable[[Model], Candidates]] = {
+VARIANTS: dict[str, Builder] = {
     "plain": plain,
     "jax_remat": jax_remat,
     "jax_offload": jax_offload,
@@ -361,6 +369,10 @@ def planner_fields(loss: Loss, params: Any, batch: Any) -> dict[str, Any]:
                 r.nbytes for r in report.residuals if r.decision == "offload" and r.per_iteration
             ),
             "exposed_transfer_ms": report.exposed_transfer_ms,
+            # Where the plan was checked against a compiler: which, and its peaks.
+            "checked_by": report.plan.checked_by,
+            "compiled_plain_peak_bytes": report.plan.compiled_plain_peak_bytes,
+            "compiled_peak_bytes": report.plan.compiled_peak_bytes,
         }
     }
 
@@ -396,7 +408,7 @@ def measure(
         model = load_model(model_name, preset)
         params, batch = model.init()
         state = (params, model.optimizer.init(params))
-        candidates = VARIANTS[variant](model)
+        candidates = VARIANTS[variant](model, None)
         detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
         result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
         log(f"  timing {steps} steps of {detail}")
@@ -417,7 +429,7 @@ def compile_variant(model_name: str, preset: str, variant: str, target: str) -> 
         model = load_model(model_name, preset)
         params, batch = jax.eval_shape(model.init)
         state = (params, jax.eval_shape(model.optimizer.init, params))
-        candidates = VARIANTS[variant](model)
+        candidates = VARIANTS[variant](model, target)
         detail, loss, _, memory = compile_best(candidates, model.optimizer, state, batch, target)
         result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
     return result

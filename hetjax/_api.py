@@ -11,11 +11,12 @@ import jax
 import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
-from ._compat import Jaxpr, Tracer, eval_jaxpr
+from ._check import checked_plan, checks_against
+from ._compat import Jaxpr, Tracer
 from ._cost import DeviceProfile
 from ._graph import GraphArgs, is_graph_object
 from ._plan import Plan, Policy, check_options, make_plan
-from ._rewrite import run_backward, run_forward
+from ._rewrite import offloaded_call
 from ._step import holds_backward, run_step, step_program, step_usage
 from ._target import parse_target
 from ._trace import calls_a_scan, inline_calls, trace_primal, trace_vjp
@@ -75,12 +76,15 @@ def het_offload(
         `"all"` (move every eligible residual of at least `min_bytes`), `"none"`
         (identical to not decorating), or a callable `ResidualUsage -> bool`
         asked about each eligible residual.
-      device_budget: target peak device bytes for `"auto"` (planner, issue 4).
+      device_budget: peak device bytes for `"auto"`: compiled bytes (argument + output
+        - alias + temp of the gradient computation) where the plan is checked against a
+        compiler (`target`, or a local GPU), else the memory model's predicted bytes.
       min_bytes: residuals smaller than this stay on device.
       profile: the `DeviceProfile` used for timing; defaults per platform.
-      target: the GPU that `.analyze` compiles for (`hetjax.target_names()`, `"h200x8"`,
-        or a description file), to report XLA's memory figures of the gradient
-        computation without and with the plan; None: the local GPU, if any.
+      target: the GPU compiler `"auto"` checks its plan against, and that `.analyze`
+        reports the figures of (`hetjax.target_names()`, `"h200x8"`, or a description
+        file); None: the local GPU, if any. Checked, `"auto"` never compiles to a higher
+        peak than the undecorated function.
 
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
@@ -190,7 +194,8 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
         usage = residual_usage(trace_vjp(inline_calls(primal, inputs), inputs))
     else:
         usage = residual_usage(trace_vjp(primal, inputs))
-    # TODO(#12): check the plan against the compiler for options["target"].
+    if options["policy"] == "auto" and checks_against(options["target"]):
+        return usage, checked_plan(primal, inputs, usage, options)
     rest = {k: v for k, v in options.items() if k not in ("policy", "target")}
     return usage, make_plan(usage, options["policy"], **rest)
 
@@ -206,18 +211,4 @@ def usage_and_plan(
 
 def _offloaded(primal: Jaxpr, options: dict) -> Callable[..., list]:
     """A `custom_vjp` function that evaluates `primal`, with the rewritten VJP."""
-    state: dict[str, Any] = {}
-
-    @jax.custom_vjp
-    def call(*inputs: Any) -> list[Any]:
-        return eval_jaxpr(primal, (), *inputs)
-
-    def fwd(*inputs: Any) -> tuple[list[Any], list[Any]]:
-        state["usage"], state["plan"] = plan_for(primal, list(inputs), options)
-        return run_forward(state["usage"], state["plan"], inputs)
-
-    def bwd(stored: list[Any], cts: list[Any]) -> tuple[Any, ...]:
-        return tuple(run_backward(state["usage"], state["plan"], stored, cts))
-
-    call.defvjp(fwd, bwd)
-    return call
+    return offloaded_call(primal, lambda inputs: plan_for(primal, inputs, options))

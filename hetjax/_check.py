@@ -1,24 +1,39 @@
 """Stage: check a plan against the compiler.
 
 The planner's memory figures are a model; XLA's fusion and buffer reuse decide the real
-ones. This stage compiles the gradient computation without and with the plan, for a
-GPU target or the local GPU, and returns both sets of figures.
+ones. This stage compiles the gradient computation without and with a plan, for a GPU
+target or the local GPU, and keeps only plans the compiler confirms:
+- `policy="auto"` without a budget never returns a plan whose compiled peak exceeds
+  plain's: it moves nothing instead, and says why, once;
+- with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
+  gradient computation). The planner's greedy order of moves is searched by bisection
+  for the shortest prefix that compiles to at most B.
+
+Compiled peaks are cached by the program, its input shapes, the plan's decisions and
+the target: a program traced again does not compile again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ._compat import eval_jaxpr
 from ._compile import CompiledMemory, compiled_memory
+from ._plan import Plan, budget_order, make_plan, warn_once
+from ._rewrite import offloaded_call
+from ._step import StepProgram, run_step
+from ._usage import Usage
 
-# TODO(#12): the planner uses these figures: never worse than plain, budgets in
-# compiled bytes, compiles cached by shapes and options.
+# TODO: a sharded program is checked on one device of the target; the per-device check
+# on a mesh of the target is still to do.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +57,25 @@ def checks_against(target: str | os.PathLike | None) -> bool:
 
 def gradient_computation(fun: Callable[..., Any], is_step: bool) -> Callable[..., Any]:
     """What gets compiled: a train step (which takes its gradient inside) as it is; a
-    loss as its value and its gradient with respect to the first argument, the
-    computation `jax.value_and_grad(fun)` makes of a scalar loss."""
+    loss as its value and its VJP with respect to every array argument, for a cotangent
+    of ones (what `jax.value_and_grad(fun)` computes, with the arguments' gradients too).
+    The plan check (`gradient_program`) compiles the same computation."""
     if is_step:
         return fun
 
-    def value_and_gradient(first: Any, *rest: Any, **kwargs: Any) -> Any:
-        value, pullback = jax.vjp(lambda p: fun(p, *rest, **kwargs), first)
-        return value, pullback(jax.tree.map(jnp.ones_like, value))
+    def value_and_gradient(*args: Any, **kwargs: Any) -> Any:
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        arrays = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and hasattr(x, "dtype")]
+
+        def of_arrays(*xs: Any) -> Any:
+            merged = list(leaves)
+            for i, x in zip(arrays, xs, strict=True):
+                merged[i] = x
+            a, k = jax.tree.unflatten(tree, merged)
+            return fun(*a, **k)
+
+        value, pullback = jax.vjp(of_arrays, *(leaves[i] for i in arrays))
+        return value, pullback(jax.tree.map(_ones_cotangent, value))
 
     return value_and_gradient
 
@@ -64,8 +90,130 @@ def compile_both(
 ) -> CompiledComparison:
     """Compile the gradient computation of `plain` and of `planned` (the same function
     under `het_offload`) for `target` (None: the local backend)."""
-    figures = [
-        compiled_memory(gradient_computation(f, is_step), *args, target=target, **kwargs)
-        for f in (plain, planned)
-    ]
-    return CompiledComparison(*figures)
+    without = compiled_memory(gradient_computation(plain, is_step), *args, target=target, **kwargs)
+    if planned is plain:
+        return CompiledComparison(without, without)
+    with_plan = compiled_memory(
+        gradient_computation(planned, is_step), *args, target=target, **kwargs
+    )
+    return CompiledComparison(without, with_plan)
+
+
+Inputs = list[Any]
+_peaks: dict[tuple, int] = {}  # (program key, decisions) -> compiled peak bytes
+
+
+def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Plan:
+    """`policy="auto"`'s plan for `usage`, checked against the compiler of
+    `options["target"]` (None: the local GPU). See the module docstring."""
+    target, budget = options["target"], options["device_budget"]
+    where = "the local GPU" if target is None else os.fspath(target)
+    min_bytes, profile = options["min_bytes"], options["profile"]
+    program = (_program_key(primal, inputs), where)
+
+    def peak(plan: Plan | None) -> int:
+        key = (program, None if plan is None else _decisions(plan))
+        if key not in _peaks:
+            fun = gradient_program(primal, usage, plan)
+            avals = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in inputs]
+            _peaks[key] = compiled_memory(fun, *avals, target=target).peak_bytes
+        return _peaks[key]
+
+    plain = peak(None)
+    unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
+    if budget is None:
+        plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile)
+        planned = peak(plan)
+        if planned > plain:
+            warn_once(
+                f"hetjax: policy='auto' moves nothing here: its plan compiles to a peak of "
+                f"{planned:,} bytes for {where}, above the {plain:,} bytes without it."
+            )
+            plan, planned = unchanged, plain
+    else:
+        order = budget_order(usage, min_bytes, profile)
+
+        def prefix(k: int) -> Plan:
+            chosen = set(order[:k])
+            return make_plan(usage, lambda r: r.index in chosen, min_bytes=min_bytes,
+                             profile=profile)  # fmt: skip
+
+        plan, planned = _bisect(prefix, len(order), peak, budget, (unchanged, plain))
+        if planned > budget:
+            warn_once(
+                f"hetjax: device_budget={budget:,.0f} bytes cannot be met for {where}: the "
+                f"best plan found compiles to a peak of {planned:,} bytes ({plain:,} "
+                f"without hetjax)."
+            )
+    return dataclasses.replace(
+        plan, policy="auto", device_budget=budget, checked_by=where,
+        compiled_plain_peak_bytes=plain, compiled_peak_bytes=planned,
+    )  # fmt: skip
+
+
+def _bisect(
+    prefix: Callable[[int], Plan],
+    n: int,
+    peak: Callable[[Plan], int],
+    budget: float,
+    unchanged: tuple[Plan, int],
+) -> tuple[Plan, int]:
+    """The shortest prefix of the greedy order whose plan compiles to at most `budget`
+    (fewest bytes moved), found by bisection; the lowest peak seen if none does.
+    Without hetjax's rewrite at all (`unchanged`) is a candidate too."""
+    seen: dict[int, tuple[Plan, int]] = {}
+
+    def at(k: int) -> tuple[Plan, int]:
+        if k not in seen:
+            plan = prefix(k)
+            seen[k] = (plan, peak(plan))
+        return seen[k]
+
+    if unchanged[1] <= budget:
+        return unchanged
+    if at(n)[1] > budget:
+        return min([*seen.values(), unchanged], key=lambda c: c[1])
+    lo, hi = 0, n  # at(hi) meets the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid)[1] <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return at(hi)
+
+
+def gradient_program(primal: Any, usage: Usage, plan: Plan | None) -> Callable[..., Any]:
+    """The gradient computation of `primal` (its flat inputs in), without a plan or
+    with `plan`: a train step as it is, a loss as its value and its VJP with respect to
+    every input, for a cotangent of ones."""
+    if isinstance(usage.program, StepProgram):
+        if plan is None:
+            return _plain(primal)
+        return lambda *xs: run_step(usage, plan, list(xs))
+    call = _plain(primal) if plan is None else offloaded_call(primal, lambda _: (usage, plan))
+
+    def value_and_vjp(*xs: Any) -> Any:
+        out, pullback = jax.vjp(call, *xs)
+        return out, pullback([_ones_cotangent(o) for o in out])
+
+    return value_and_vjp
+
+
+def _plain(primal: Any) -> Callable[..., list]:
+    return lambda *xs: eval_jaxpr(primal, (), *xs)
+
+
+def _ones_cotangent(x: Any) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.ones_like(x)
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def _program_key(primal: Any, inputs: Inputs) -> tuple:
+    avals = tuple((np.shape(x), str(x.dtype)) for x in inputs)
+    return (hashlib.sha1(str(primal).encode()).hexdigest(), avals)
+
+
+def _decisions(plan: Plan) -> tuple:
+    return tuple((r.decision, r.offload_by, r.prefetch_at) for r in plan.residuals)

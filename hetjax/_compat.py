@@ -118,9 +118,7 @@ def inner_name_stack(eqn: JaxprEqn) -> Any:
 
 # Libraries whose frames are not the user's model code: a flax module's residual
 # is reported at the user's line that called it (a loss, a block), not in flax.
-LIBRARY_DIRS = tuple(
-    f"{os.sep}{name}{os.sep}" for name in ("flax", "optax", "chex", "equinox")
-)
+LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in ("flax", "optax", "chex", "equinox"))
 
 
 def source_line(eqn: JaxprEqn) -> str:

@@ -12,6 +12,9 @@ which the copy back to device starts (the backward pin).
   not depend on B, so a smaller budget never moves fewer bytes.
 - with no budget (no-slowdown): move the residuals, biggest idle bytes first, whose
   copies the cost model says hide under compute (exposed time under 1% of the step).
+
+This stage rests on the memory model alone; `_check` holds its plans against a compiler
+where there is one (`budget_order` is the greedy order it searches).
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ class Plan:
     baseline_memory: np.ndarray
     predicted_memory: np.ndarray
     exposed_transfer_s: float
+    # Set where the plan was checked against a compiler (`_check`): what it compiled for,
+    # and the compiled peak (argument + output - alias + temp) without and with the plan.
+    checked_by: str | None = None
+    compiled_plain_peak_bytes: int | None = None
+    compiled_peak_bytes: int | None = None
 
     @property
     def offloaded(self) -> tuple[ResidualUsage, ...]:
@@ -102,7 +110,13 @@ class Plan:
 
     @property
     def feasible(self) -> bool:
-        return self.device_budget is None or self.predicted_peak_bytes <= self.device_budget
+        """Whether the peak meets `device_budget`: the compiled peak where the plan was
+        checked against a compiler, else the predicted one."""
+        if self.device_budget is None:
+            return True
+        if self.compiled_peak_bytes is not None:
+            return self.compiled_peak_bytes <= self.device_budget
+        return self.predicted_peak_bytes <= self.device_budget
 
 
 def program_timeline(usage: Usage, profile: DeviceProfile) -> np.ndarray:
@@ -125,18 +139,8 @@ def make_plan(
 ) -> Plan:
     """Decide, for each residual of `usage`, whether to keep, offload or recompute it."""
     check_options(policy, min_bytes, device_budget)
-    profile = profile or DeviceProfile.for_platform("gpu")
-    clock = program_timeline(usage, profile)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
-    first = {r.index: _first_decision(r, policy, min_bytes) for r in usage.residuals}
-    eligible = [r for r in usage.residuals if first[r.index] == "offload"]
-    base = {k: ("keep" if d == "offload" else d) for k, d in first.items()}
-
-    def evaluate(moved: set[int]) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
-        decided = {k: ("offload" if k in moved else d) for k, d in base.items()}
-        records = _with_pins(usage, decided, clock, profile)
-        return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
-
+    profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile)
     if policy == "all":
         moved = {r.index for r in eligible}
     elif callable(policy):
@@ -184,9 +188,40 @@ Evaluate = Callable[[set[int]], tuple[tuple[ResidualUsage, ...], np.ndarray, flo
 
 def _meet_budget(eligible: list[ResidualUsage], budget: float, evaluate: Evaluate) -> set[int]:
     """Move, at the predicted peak, the biggest residual idle there, until it fits."""
-    moved: set[int] = set()
+    return set(_greedy_moves(eligible, budget, evaluate))
+
+
+def budget_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = None) -> list[int]:
+    """The residuals the budget mode moves, in the order it moves them, down to the
+    smallest peak the model can reach: a smaller budget moves a longer prefix of it."""
+    _, _, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
+    return _greedy_moves(eligible, -np.inf, evaluate)
+
+
+def _choices(
+    usage: Usage, policy: Policy, min_bytes: int, profile: DeviceProfile | None
+) -> tuple[DeviceProfile, np.ndarray, list[ResidualUsage], Evaluate]:
+    """The profile, the clock, the residuals a policy may move, and how a set of moves
+    evaluates: `(records, predicted memory, exposed seconds)`."""
+    profile = profile or DeviceProfile.for_platform("gpu")
+    clock = program_timeline(usage, profile)
+    first = {r.index: _first_decision(r, policy, min_bytes) for r in usage.residuals}
+    eligible = [r for r in usage.residuals if first[r.index] == "offload"]
+    base = {k: ("keep" if d == "offload" else d) for k, d in first.items()}
+
+    def evaluate(moved: set[int]) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
+        decided = {k: ("offload" if k in moved else d) for k, d in base.items()}
+        records = _with_pins(usage, decided, clock, profile)
+        return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
+
+    return profile, clock, eligible, evaluate
+
+
+def _greedy_moves(eligible: list[ResidualUsage], budget: float, evaluate: Evaluate) -> list[int]:
+    """`_meet_budget`'s choices, in order."""
+    moved: list[int] = []
     while True:
-        _, memory, _ = evaluate(moved)
+        _, memory, _ = evaluate(set(moved))
         if memory.max() <= budget:
             return moved
         peak = int(np.argmax(memory)) - 1  # index 0 is position -1
@@ -197,7 +232,7 @@ def _meet_budget(eligible: list[ResidualUsage], budget: float, evaluate: Evaluat
         if not idle:
             return moved
         best = max(idle, key=lambda r: (r.nbytes, r.idle_span, -r.index))
-        moved.add(best.index)
+        moved.append(best.index)
 
 
 def _no_slowdown(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> set[int]:
@@ -240,6 +275,7 @@ def _with_pins(
     by_index = {r.index: r for r in usage.residuals}
     need = _first_need(by_index, decided, usage)
     moved = [r for r in usage.residuals if decided[r.index] == "offload"]
+
     def backward_from(r: ResidualUsage) -> int:
         return usage.boundary if r.backward_from is None else r.backward_from
 

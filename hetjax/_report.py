@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,17 @@ class Report:
     """What `het_offload` would do to a function, computed without running it."""
 
     plan: Plan
-    # XLA's figures of the gradient computation without and with the plan, for the
-    # target (or local GPU) it was checked against; None where there was none.
-    compiled: CompiledComparison | None = None
+    # Compiles the gradient computation without and with the plan, for the target (or
+    # local GPU); None where there is no compiler. Run on first use of `compiled`.
+    compile: Callable[[], CompiledComparison] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
+
+    @functools.cached_property
+    def compiled(self) -> CompiledComparison | None:
+        """XLA's figures of the gradient computation without and with the plan, compiled
+        on first use; None without a target or a local GPU."""
+        return None if self.compile is None else self.compile()
 
     @property
     def residuals(self) -> tuple[ResidualUsage, ...]:
@@ -114,11 +124,22 @@ class Report:
 
     def compiled_lines(self) -> list[str]:
         """The compiled figures beside the predictions, or why there are none."""
-        c = self.compiled
+        p, c = self.plan, self.compiled
+        if p.checked_by is not None:
+            check = [f"plan checked against {p.checked_by}: compiled peak "
+                     f"{p.compiled_plain_peak_bytes / 2**20:.2f} MiB without it -> "
+                     f"{p.compiled_peak_bytes / 2**20:.2f} MiB with it"]  # fmt: skip
+        elif p.policy == "auto":
+            check = ["plan not checked against a compiler (no GPU here and no target=): it "
+                     "rests on the memory model alone"]  # fmt: skip
+        else:
+            check = []
         if c is None:
-            return ["compiled: not checked (no GPU here; target='h200' gives XLA's H200 figures)"]
+            return [*check, "compiled: not checked (no GPU here; target='h200' gives XLA's "
+                    "H200 figures)"]  # fmt: skip
         where = f"compiled for {c.plain.target} ({c.plain.device_kind}, jax {c.plain.jax_version})"
         return [
+            *check,
             f"{where}, not run:",
             f"  without the plan: {c.plain.summary()}",
             f"  with the plan:    {c.planned.summary()}; peak x{c.peak_ratio:.2f}",
@@ -139,9 +160,11 @@ def analyze(
 
     With `target` (a GPU name from `hetjax.target_names()`, `"h200x8"`, or a description
     file), or on a GPU, the report also holds XLA's compiled memory figures of the
-    gradient computation without and with the plan (`report.compiled`), beside the
-    planner's predictions. A loss's gradient computation is its value and gradient with
-    respect to the first argument; a train step is compiled as it is.
+    gradient computation without and with the plan (`report.compiled`, compiled when
+    first read), beside the planner's predictions. A loss's gradient computation is its
+    value and its VJP with respect to every array argument; a train step is compiled as
+    it is. `policy="auto"` then also checks its plan against that compiler (never worse
+    than plain; a budget in compiled bytes): `report.plan.checked_by` says against what.
 
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
@@ -161,11 +184,13 @@ def analyze(
     check_options(policy, min_bytes, device_budget)
     if target is not None:
         parse_target(target)
-    options = dict(policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile)
+    options = dict(
+        policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile,
+        target=target,
+    )  # fmt: skip
     usage, plan = usage_and_plan(fun, args, kwargs, options)
-    compiled = None
-    if checks_against(target):
-        planned = het_offload(fun, **options)
-        is_step = isinstance(usage.program, StepProgram)
-        compiled = compile_both(fun, planned, is_step, target, args, kwargs)
-    return Report(plan, compiled)
+    if not checks_against(target):
+        return Report(plan)
+    planned = fun if policy == "none" else het_offload(fun, **options)
+    is_step = isinstance(usage.program, StepProgram)
+    return Report(plan, lambda: compile_both(fun, planned, is_step, target, args, kwargs))

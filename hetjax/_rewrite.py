@@ -23,13 +23,14 @@ the others (`SliceRebuild`) and never stored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 from jax import lax
 
 from ._compat import (
+    DERIVED_FORMS,
     Literal,
     Var,
     bind_eqn,
@@ -236,7 +237,8 @@ def run_backward(
             fwd = program.forward.jaxpr
             anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
             anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
-            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, recent[0])
+            after = recent[0] if is_forced(recipe, fwd.eqns, decision) else None
+            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, after)
         return value[k]
 
     def read(v: Any) -> Any:
@@ -267,6 +269,21 @@ def run_backward(
         if outs and hasattr(outs[0], "shape"):
             recent[0] = outs[0]
     return [read(v) for v in jaxpr.outvars]
+
+
+def is_forced(recipe: Recipe, eqns: Sequence[Any], decision: dict[int, str]) -> bool:
+    """Whether a recomputation must be tied into the backward (`replay`'s `after`).
+
+    Only where that is known to save memory: a value rebuilt from a residual fetched
+    from host (untied, XLA may fold the round trip and keep the forward's copy), and a
+    derived form hetjax stored as its source (`1 - y**2` of tanh, from `y`). Any other
+    recomputation is left to XLA, which may fuse it into its readers or keep the
+    forward's value, as it does without hetjax. Tying those forces their anchors to be
+    materialized across the barrier: on the reference cnn, 2.2 GiB of f32 anchors.
+    """
+    if any(decision[a] == "offload" for a in recipe.residual_anchors):
+        return True
+    return any(eqns[e].primitive.name in DERIVED_FORMS for e in recipe.eqns)
 
 
 def replay(eqns: Sequence[Any], recipe: Recipe, target: Var, anchors: dict, after: Any) -> Any:
@@ -414,3 +431,25 @@ def _live_eqns(jaxpr: Any, needed: Sequence[Any]) -> list[bool]:
             live[i] = True
             used.update(v for v in eqn.invars if isinstance(v, Var))
     return live
+
+
+def offloaded_call(
+    primal: Any, plan_for: Callable[[list[Any]], tuple[Usage, Plan]]
+) -> Callable[..., list]:
+    """A `custom_vjp` function that evaluates the jaxpr `primal`; its VJP follows the
+    plan `plan_for(inputs)` returns as `(usage, plan)`, made when the forward is traced."""
+    state: dict[str, Any] = {}
+
+    @jax.custom_vjp
+    def call(*inputs: Any) -> list[Any]:
+        return eval_jaxpr(primal, (), *inputs)
+
+    def fwd(*inputs: Any) -> tuple[list[Any], list[Any]]:
+        state["usage"], state["plan"] = plan_for(list(inputs))
+        return run_forward(state["usage"], state["plan"], inputs)
+
+    def bwd(stored: list[Any], cts: list[Any]) -> tuple[Any, ...]:
+        return tuple(run_backward(state["usage"], state["plan"], stored, cts))
+
+    call.defvjp(fwd, bwd)
+    return call

@@ -30,6 +30,7 @@ from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
     SliceRebuild,
+    is_forced,
     replay,
     scan_from_host,
     scan_to_host,
@@ -215,7 +216,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
                 recompute(a)
         anchors = {res_vars[a]: env[res_vars[a]] for a in recipe.residual_anchors}
         anchors.update((inputs_of[a], env[inputs_of[a]]) for a in recipe.input_anchors)
-        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, env.get(recent))
+        forced = is_forced(recipe, jaxpr.eqns, {r.index: r.decision for r in plan.residuals})
+        after = env.get(recent) if forced else None
+        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, after)
 
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, closed.consts, strict=True))

@@ -9,6 +9,7 @@ each compile takes about a second.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -216,3 +217,83 @@ def test_analyze_on_cpu_without_a_target_says_it_did_not_compile() -> None:
     report = hetjax.analyze(mlp, WS, X, policy="all")
     assert report.compiled is None
     assert "compiled: not checked" in report.table()
+
+
+# ------------------------------------------------------------- the plan check (_check)
+
+
+def small_loss(w: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.tanh(x @ w).astype(jnp.float32) ** 2)
+
+
+W = X1 = spec((1024, 1024))
+INSTANT_LINK = dataclasses.replace(
+    hetjax.DeviceProfile.for_platform("gpu"), h2d_bytes_per_s=1e18, d2h_bytes_per_s=1e18
+)
+
+
+def test_auto_never_compiles_above_plain_and_says_why(recwarn: pytest.WarningsChecker) -> None:
+    # With an instant link the model moves tanh(x @ w); compiled for the H200 that
+    # program needs more device memory than plain (a copy on each side of the move).
+    unchecked = hetjax.analyze(small_loss, W, X1, min_bytes=0, profile=INSTANT_LINK)
+    assert unchecked.moved_bytes == 2 * 2**20 and unchecked.plan.checked_by is None
+    moved = hetjax.analyze(small_loss, W, X1, policy="all", min_bytes=0, target="h200")
+    assert moved.compiled.planned.peak_bytes > moved.compiled.plain.peak_bytes
+
+    with pytest.warns(hetjax.HetjaxWarning, match=r"policy='auto' moves nothing here"):
+        report = hetjax.analyze(small_loss, W, X1, min_bytes=0, profile=INSTANT_LINK,
+                                target="h200")  # fmt: skip
+    plan = report.plan
+    assert report.moved_bytes == 0 and plan.checked_by == "h200"
+    assert plan.compiled_peak_bytes == plan.compiled_plain_peak_bytes
+    assert report.compiled.planned.peak_bytes == report.compiled.plain.peak_bytes
+    assert "plan checked against h200" in report.table()
+
+
+def test_a_budget_is_compiled_bytes_and_an_unmet_one_keeps_the_best_plan() -> None:
+    report = hetjax.analyze(small_loss, W, X1, policy="all", min_bytes=0, target="h200")
+    plain_peak = report.compiled.plain.peak_bytes
+    with pytest.warns(hetjax.HetjaxWarning, match=r"device_budget=1 bytes cannot be met for h200"):
+        tight = hetjax.analyze(small_loss, W, X1, min_bytes=0, device_budget=1, target="h200")
+    # Every plan compiles to more than plain here, so the best one found moves nothing.
+    assert tight.moved_bytes == 0 and not tight.feasible
+    assert tight.plan.compiled_peak_bytes == plain_peak
+    loose = hetjax.analyze(small_loss, W, X1, min_bytes=0, device_budget=plain_peak, target="h200")
+    assert loose.feasible and loose.plan.compiled_peak_bytes <= plain_peak
+
+
+def test_checked_compiles_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hetjax import _check
+
+    count = [0]
+    compiled_memory = _check.compiled_memory
+
+    def counting(*args: object, **kwargs: object) -> object:
+        count[0] += 1
+        return compiled_memory(*args, **kwargs)
+
+    monkeypatch.setattr(_check, "compiled_memory", counting)
+    ws = [spec((256, 256)) for _ in range(3)]
+    x = spec((512, 256))
+    hetjax.analyze(mlp, ws, x, min_bytes=0, target="h100_sxm")
+    assert count[0] == 2  # without and with the plan
+    loss = hetjax.het_offload(mlp, min_bytes=0, target="h100_sxm")
+    jax.jit(jax.grad(loss)).trace(ws, x)  # traced again, at run time: no compile
+    assert count[0] == 2
+
+
+def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
+    from hetjax._check import _bisect
+
+    peaks = [100, 95, 90, 80, 70, 60, 55, 50]  # by prefix length 0..7
+    asked: list[int] = []
+
+    def peak(k: int) -> int:
+        asked.append(k)
+        return peaks[k]
+
+    plan, found = _bisect(lambda k: k, 7, peak, 72, (-1, 101))
+    assert (plan, found) == (4, 70) and len(asked) <= 5
+    assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 101)) == (7, 50)
+    assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 45)) == (-1, 45)
+    assert _bisect(lambda k: k, 7, lambda k: peaks[k] + 60, 100, (-1, 101)) == (-1, 101)
