@@ -211,6 +211,10 @@ def _choices(
 
     def evaluate(moved: set[int]) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
         decided = {k: ("offload" if k in moved else d) for k, d in base.items()}
+        if not moved:
+            # Recomputing alone saves nothing XLA does not save itself: compiled for the
+            # H200 it cost up to 56% more temp (reference cnn). Without a move, keep.
+            decided = {k: ("keep" if d == "recompute" else d) for k, d in decided.items()}
         records = _with_pins(usage, decided, clock, profile)
         return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
 

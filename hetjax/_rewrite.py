@@ -274,14 +274,19 @@ def run_backward(
 def is_forced(recipe: Recipe, eqns: Sequence[Any], decision: dict[int, str]) -> bool:
     """Whether a recomputation must be tied into the backward (`replay`'s `after`).
 
-    Only where that is known to save memory: a value rebuilt from a residual fetched
-    from host (untied, XLA may fold the round trip and keep the forward's copy), and a
-    derived form hetjax stored as its source (`1 - y**2` of tanh, from `y`). Any other
-    recomputation is left to XLA, which may fuse it into its readers or keep the
-    forward's value, as it does without hetjax. Tying those forces their anchors to be
-    materialized across the barrier: on the reference cnn, 2.2 GiB of f32 anchors.
+    Only where that was seen to save memory, compiled for the H200: a value rebuilt from
+    a residual fetched from host (untied, XLA may fold the round trip and keep the
+    forward's copy), a derived form hetjax stored as its source (`1 - y**2` of tanh,
+    from `y`), and a value rebuilt from the function's inputs alone (a layer's bf16 copy
+    of its weights: untied, the reference gpt's `policy="all"` took 21.5 GiB of temp
+    instead of 6.9). A recomputation from residuals kept on device is left to XLA, which
+    fuses it into its readers or keeps the forward's value, as without hetjax: tied, it
+    forces its anchors to be materialized across the barrier (2.2 GiB of f32 anchors on
+    the reference cnn).
     """
     if any(decision[a] == "offload" for a in recipe.residual_anchors):
+        return True
+    if recipe.input_anchors and not recipe.residual_anchors:
         return True
     return any(eqns[e].primitive.name in DERIVED_FORMS for e in recipe.eqns)
 
