@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
-from ._check import checked_plan, checks_against
+from ._check import CHECKED_POLICIES, checked_plan, checks_against
 from ._compat import Jaxpr, Tracer
 from ._cost import DeviceProfile
 from ._graph import GraphArgs, is_graph_object
@@ -194,7 +194,7 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
         usage = residual_usage(trace_vjp(inline_calls(primal, inputs), inputs))
     else:
         usage = residual_usage(trace_vjp(primal, inputs))
-    if options["policy"] == "auto" and checks_against(options["target"]):
+    if options["policy"] in CHECKED_POLICIES and checks_against(options["target"]):
         return usage, checked_plan(primal, inputs, usage, options)
     rest = {k: v for k, v in options.items() if k not in ("policy", "target")}
     return usage, make_plan(usage, options["policy"], **rest)

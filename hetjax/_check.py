@@ -3,8 +3,9 @@
 The planner's memory figures are a model; XLA's fusion and buffer reuse decide the real
 ones. This stage compiles the gradient computation without and with a plan, for a GPU
 target or the local GPU, and keeps only plans the compiler confirms:
-- `policy="auto"` without a budget never returns a plan whose compiled peak exceeds
-  plain's: it moves nothing instead, and says why, once;
+- `policy="auto"` without a budget, and `policy="all"`, never return a plan whose
+  compiled peak exceeds plain's: they move nothing instead, and say why, once (a
+  callable policy is the user's own choice, and is not checked);
 - with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
   gradient computation). The planner's greedy order of moves is searched by bisection
   for the shortest prefix that compiles to at most B.
@@ -31,6 +32,8 @@ from ._plan import Plan, budget_order, make_plan, warn_once
 from ._rewrite import offloaded_call
 from ._step import StepProgram, run_step
 from ._usage import Usage
+
+CHECKED_POLICIES = ("auto", "all")
 
 # TODO: a sharded program is checked on one device of the target; the per-device check
 # on a mesh of the target is still to do.
@@ -104,9 +107,9 @@ _peaks: dict[tuple, int] = {}  # (program key, decisions) -> compiled peak bytes
 
 
 def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Plan:
-    """`policy="auto"`'s plan for `usage`, checked against the compiler of
-    `options["target"]` (None: the local GPU). See the module docstring."""
-    target, budget = options["target"], options["device_budget"]
+    """The plan of `options["policy"]` ("auto" or "all") for `usage`, checked against the
+    compiler of `options["target"]` (None: the local GPU). See the module docstring."""
+    policy, target, budget = options["policy"], options["target"], options["device_budget"]
     where = "the local GPU" if target is None else os.fspath(target)
     min_bytes, profile = options["min_bytes"], options["profile"]
     program = (_program_key(primal, inputs), where)
@@ -121,13 +124,13 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
     plain = peak(None)
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
-    if budget is None:
-        plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile)
+    if budget is None or policy == "all":
+        plan = make_plan(usage, policy, min_bytes=min_bytes, profile=profile)
         planned = peak(plan)
         if planned > plain:
             warn_once(
-                f"hetjax: policy='auto' moves nothing here: its plan compiles to a peak of "
-                f"{planned:,} bytes for {where}, above the {plain:,} bytes without it."
+                f"hetjax: policy={policy!r} moves nothing here: its plan compiles to a peak "
+                f"of {planned:,} bytes for {where}, above the {plain:,} bytes without it."
             )
             plan, planned = unchanged, plain
     else:
@@ -146,7 +149,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
                 f"without hetjax)."
             )
     return dataclasses.replace(
-        plan, policy="auto", device_budget=budget, checked_by=where,
+        plan, policy=policy, device_budget=budget, checked_by=where,
         compiled_plain_peak_bytes=plain, compiled_peak_bytes=planned,
     )  # fmt: skip
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._api import het_offload, usage_and_plan
-from ._check import CompiledComparison, checks_against, compile_both
+from ._check import CHECKED_POLICIES, CompiledComparison, checks_against, compile_both
 from ._cost import DeviceProfile
 from ._plan import Plan, Policy, check_options
 from ._step import StepProgram
@@ -129,7 +129,7 @@ class Report:
             check = [f"plan checked against {p.checked_by}: compiled peak "
                      f"{p.compiled_plain_peak_bytes / 2**20:.2f} MiB without it -> "
                      f"{p.compiled_peak_bytes / 2**20:.2f} MiB with it"]  # fmt: skip
-        elif p.policy == "auto":
+        elif p.policy in CHECKED_POLICIES:
             check = ["plan not checked against a compiler (no GPU here and no target=): it "
                      "rests on the memory model alone"]  # fmt: skip
         else:
@@ -175,7 +175,8 @@ def analyze(
         >>> print(report.table().splitlines()[0].split()[:4])
         ['#', 'shape', 'dtype', 'MiB']
         >>> w = x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
-        >>> report = hetjax.analyze(loss, w, x, policy="all", target="h200")
+        >>> every = lambda r: True  # a callable policy: unchecked, unlike "all" and "auto"
+        >>> report = hetjax.analyze(loss, w, x, policy=every, target="h200")
         >>> report.compiled.plain.host_temp_bytes, report.compiled.planned.host_temp_bytes
         (0, 2097152)
         >>> print(report.table().splitlines()[-3])

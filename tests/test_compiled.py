@@ -119,8 +119,14 @@ def test_without_jax_platforms_cpu_the_error_says_what_to_set() -> None:
     assert "JAX_PLATFORMS=cpu" in proc.stdout
 
 
+def EVERY(r: hetjax.ResidualUsage) -> bool:
+    """Move every eligible residual, unchecked: `policy="all"` would move nothing where
+    the compiled plan is above plain (as for these small MLPs on the H200)."""
+    return True
+
+
 def test_a_moved_residual_is_host_bytes_and_plain_has_none() -> None:
-    report = hetjax.analyze(mlp, WS, X, policy="all", target="h200")
+    report = hetjax.analyze(mlp, WS, X, policy=EVERY, target="h200")
     plain, planned = report.compiled.plain, report.compiled.planned
     assert report.moved_bytes == 4 * 1024 * 512 * 2  # the four tanh outputs
     assert plain.host_temp_bytes == 0
@@ -237,7 +243,7 @@ def test_auto_never_compiles_above_plain_and_says_why(recwarn: pytest.WarningsCh
     # program needs more device memory than plain (a copy on each side of the move).
     unchecked = hetjax.analyze(small_loss, W, X1, min_bytes=0, profile=INSTANT_LINK)
     assert unchecked.moved_bytes == 2 * 2**20 and unchecked.plan.checked_by is None
-    moved = hetjax.analyze(small_loss, W, X1, policy="all", min_bytes=0, target="h200")
+    moved = hetjax.analyze(small_loss, W, X1, policy=EVERY, min_bytes=0, target="h200")
     assert moved.compiled.planned.peak_bytes > moved.compiled.plain.peak_bytes
 
     with pytest.warns(hetjax.HetjaxWarning, match=r"policy='auto' moves nothing here"):
@@ -251,7 +257,7 @@ def test_auto_never_compiles_above_plain_and_says_why(recwarn: pytest.WarningsCh
 
 
 def test_a_budget_is_compiled_bytes_and_an_unmet_one_keeps_the_best_plan() -> None:
-    report = hetjax.analyze(small_loss, W, X1, policy="all", min_bytes=0, target="h200")
+    report = hetjax.analyze(small_loss, W, X1, policy=EVERY, min_bytes=0, target="h200")
     plain_peak = report.compiled.plain.peak_bytes
     with pytest.warns(hetjax.HetjaxWarning, match=r"device_budget=1 bytes cannot be met for h200"):
         tight = hetjax.analyze(small_loss, W, X1, min_bytes=0, device_budget=1, target="h200")
@@ -297,3 +303,12 @@ def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
     assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 101)) == (7, 50)
     assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 45)) == (-1, 45)
     assert _bisect(lambda k: k, 7, lambda k: peaks[k] + 60, 100, (-1, 101)) == (-1, 101)
+
+
+def test_policy_all_never_compiles_above_plain_either() -> None:
+    unchecked = hetjax.analyze(mlp, WS, X, policy=EVERY, target="h200").compiled
+    assert unchecked.planned.peak_bytes > unchecked.plain.peak_bytes  # moving costs here
+    with pytest.warns(hetjax.HetjaxWarning, match=r"policy='all' moves nothing here"):
+        report = hetjax.analyze(mlp, WS, X, policy="all", target="h200")
+    assert report.moved_bytes == 0 and report.plan.checked_by == "h200"
+    assert report.compiled.planned.peak_bytes == report.compiled.plain.peak_bytes
