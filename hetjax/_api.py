@@ -75,16 +75,17 @@ def het_offload(
       policy: `"auto"` (move what the cost model says hides under compute),
         `"all"` (move every eligible residual of at least `min_bytes`), `"none"`
         (identical to not decorating), or a callable `ResidualUsage -> bool`
-        asked about each eligible residual.
+        asked about each eligible residual. Where there is a compiler (`target`, or a
+        local GPU), `"auto"` and `"all"` keep a plan only if it compiles to no higher a
+        peak than the undecorated function; a callable is not checked.
       device_budget: peak device bytes for `"auto"`: compiled bytes (argument + output
         - alias + temp of the gradient computation) where the plan is checked against a
         compiler (`target`, or a local GPU), else the memory model's predicted bytes.
       min_bytes: residuals smaller than this stay on device.
       profile: the `DeviceProfile` used for timing; defaults per platform.
-      target: the GPU compiler `"auto"` checks its plan against, and that `.analyze`
-        reports the figures of (`hetjax.target_names()`, `"h200x8"`, or a description
-        file); None: the local GPU, if any. Checked, `"auto"` never compiles to a higher
-        peak than the undecorated function.
+      target: the GPU compiler `"auto"` and `"all"` check their plan against, and that
+        `.analyze` reports the figures of (`hetjax.target_names()`, `"h200x8"`, or a
+        description file); None: the local GPU, if any.
 
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
