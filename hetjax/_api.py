@@ -195,7 +195,7 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
         usage = residual_usage(trace_vjp(inline_calls(primal, inputs), inputs))
     else:
         usage = residual_usage(trace_vjp(primal, inputs))
-    if options["policy"] in CHECKED_POLICIES and checks_against(options["target"]):
+    if options["policy"] in CHECKED_POLICIES and checks_against(options.get("target")):
         return usage, checked_plan(primal, inputs, usage, options)
     rest = {k: v for k, v in options.items() if k not in ("policy", "target")}
     return usage, make_plan(usage, options["policy"], **rest)
