@@ -109,7 +109,7 @@ _peaks: dict[tuple, int] = {}  # (program key, decisions) -> compiled peak bytes
 def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Plan:
     """The plan of `options["policy"]` ("auto" or "all") for `usage`, checked against the
     compiler of `options["target"]` (None: the local GPU). See the module docstring."""
-    policy, target, budget = options["policy"], options["target"], options["device_budget"]
+    policy, target, budget = options["policy"], options.get("target"), options["device_budget"]
     where = "the local GPU" if target is None else os.fspath(target)
     min_bytes, profile = options["min_bytes"], options["profile"]
     program = (_program_key(primal, inputs), where)
