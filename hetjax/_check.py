@@ -195,12 +195,7 @@ def gradient_program(primal: Any, usage: Usage, plan: Plan | None) -> Callable[.
             return _plain(primal)
         return lambda *xs: run_step(usage, plan, list(xs))
     call = _plain(primal) if plan is None else offloaded_call(primal, lambda _: (usage, plan))
-
-    def value_and_vjp(*xs: Any) -> Any:
-        out, pullback = jax.vjp(call, *xs)
-        return out, pullback([_ones_cotangent(o) for o in out])
-
-    return value_and_vjp
+    return gradient_computation(call, is_step=False)  # every flat input is an array
 
 
 def _plain(primal: Any) -> Callable[..., list]:
