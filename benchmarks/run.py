@@ -29,7 +29,11 @@ for the whole process. The worker records, in this order:
   5. every `hetjax.HetjaxWarning` raised on the way, in `warnings`;
   6. for hetjax variants, the planner's predictions (`predicted`: peak bytes without
      and with the plan, bytes moved, per-iteration bytes, exposed ms), to check its
-     model against the compiled and measured figures.
+     model against the compiled and measured figures;
+  7. the step time `hetjax.simulate_step` predicts from the compiled schedule
+     (`predicted_step_ms`, with its compute, exposed link and link-busy ms): in
+     compiled mode always, in run mode on a GPU beside the measured `step_ms`. It is a
+     prediction, labelled so in every table.
 
 In run mode the default preset is `tiny` on CPU and `reference` elsewhere. On CPU every
 memory kind is the same memory, so figures run there check plumbing and numerics, never
@@ -228,6 +232,11 @@ RESULT_KEYS = (
     "peak_bytes",
     "step_ms",
     "step_ms_min",
+    "predicted_step_ms",
+    "predicted_compute_ms",
+    "predicted_exposed_link_ms",
+    "predicted_d2h_ms",
+    "predicted_h2d_ms",
     "grad_rel_err",
     "warnings",
     "error",
@@ -353,6 +362,23 @@ def grad_rel_err(g_ref: Any, loss: Loss, params: Any, batch: Any) -> float:
     return float(rel_l2_error(jitted_grad(loss)(params, batch), g_ref))
 
 
+def schedule_fields(compiled: Any, target: str = LOCAL) -> dict[str, Any]:
+    """The step time `hetjax.simulate_step` predicts from the compiled schedule (a
+    prediction, not a measurement; None where the GPU has no description)."""
+    try:
+        e = hetjax.simulate_step(compiled, None if target == LOCAL else target)
+    except ValueError as error:
+        log(f"  no predicted step time: {error}")
+        return {}
+    return {
+        "predicted_step_ms": e.step_ms,
+        "predicted_compute_ms": e.compute_ms,
+        "predicted_exposed_link_ms": e.exposed_link_ms,
+        "predicted_d2h_ms": e.d2h_ms,
+        "predicted_h2d_ms": e.h2d_ms,
+    }
+
+
 def planner_fields(loss: Loss, params: Any, batch: Any) -> dict[str, Any]:
     """For hetjax variants, what the planner predicted, to hold against the compiled
     and measured figures: peak bytes without and with the plan (its device-memory
@@ -411,6 +437,8 @@ def measure(
         candidates = VARIANTS[variant](model, None)
         detail, loss, compiled, memory = compile_best(candidates, model.optimizer, state, batch)
         result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
+        if jax.default_backend() == "gpu":
+            result |= schedule_fields(compiled)
         log(f"  timing {steps} steps of {detail}")
         times = time_steps(compiled, state, batch, steps, warmup)
         result["peak_bytes"] = peak_bytes() if record_peak else None
@@ -430,8 +458,11 @@ def compile_variant(model_name: str, preset: str, variant: str, target: str) -> 
         params, batch = jax.eval_shape(model.init)
         state = (params, jax.eval_shape(model.optimizer.init, params))
         candidates = VARIANTS[variant](model, target)
-        detail, loss, _, memory = compile_best(candidates, model.optimizer, state, batch, target)
+        detail, loss, compiled, memory = compile_best(
+            candidates, model.optimizer, state, batch, target
+        )
         result |= memory | {"detail": detail} | planner_fields(loss, params, batch)
+        result |= schedule_fields(compiled, target)
     return result
 
 
@@ -513,8 +544,10 @@ def table(results: list[dict]) -> str:
     base_peak, base_ms = (None, None) if plain is None else (
         plain["compiled_peak_bytes"], plain["step_ms"]
     )  # fmt: skip
+    base_predicted = None if plain is None else plain["predicted_step_ms"]
     header = ["variant", "temp MiB", "host temp MiB", "compiled peak MiB", "vs plain",
-              "peak MiB", "step ms", "vs plain", "grad rel err"]  # fmt: skip
+              "peak MiB", "step ms", "vs plain", "predicted ms", "vs plain",
+              "grad rel err"]  # fmt: skip
     rows = [header, ["---"] * len(header)]
     for r in results:
         ms = r["step_ms"]
@@ -528,6 +561,8 @@ def table(results: list[dict]) -> str:
                 mib(r["peak_bytes"]),
                 "-" if ms is None else f"{ms:.2f}",
                 ratio(ms, base_ms),
+                "-" if r["predicted_step_ms"] is None else f"{r['predicted_step_ms']:.1f}",
+                ratio(r["predicted_step_ms"], base_predicted),
                 "-" if r["grad_rel_err"] is None else f"{r['grad_rel_err']:.1e}",
             ]
         )

@@ -3,9 +3,14 @@
 The planner's memory figures are a model; XLA's fusion and buffer reuse decide the real
 ones. This stage compiles the gradient computation without and with a plan, for a GPU
 target or the local GPU, and keeps only plans the compiler confirms:
-- `policy="auto"` without a budget, and `policy="all"`, never return a plan whose
-  compiled peak exceeds plain's: they move nothing instead, and say why, once (a
-  callable policy is the user's own choice, and is not checked);
+- `policy="auto"` without a budget moves what does not slow the step: along the
+  planner's greedy order of moves, the longest prefix whose predicted step time
+  (`_simulate`, from the compiled schedule) is within `AUTO_SLOWDOWN` of plain's, and,
+  among the prefixes compiled on the way there, the one with the lowest compiled peak
+  below plain's. Where none saves memory, it moves nothing and says why, once.
+- `policy="all"` never returns a plan whose compiled peak exceeds plain's: it moves
+  nothing instead, and says why, once (a callable policy is the user's own choice,
+  and is not checked);
 - with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
   gradient computation). The planner's greedy order of moves is searched by bisection
   for the shortest prefix that compiles to at most B.
@@ -27,13 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._compat import eval_jaxpr
-from ._compile import CompiledMemory, compiled_memory
+from ._compile import CompiledMemory, compile_for
 from ._plan import Plan, budget_order, make_plan, warn_once
 from ._rewrite import offloaded_call
+from ._simulate import StepEstimate, simulate_step
 from ._step import StepProgram, run_step
 from ._usage import Usage
 
 CHECKED_POLICIES = ("auto", "all")
+AUTO_SLOWDOWN = 0.05  # predicted step time "auto" (no budget) may add to plain's
 
 # TODO: a sharded program is checked on one device of the target; the per-device check
 # on a mesh of the target is still to do.
@@ -45,6 +52,10 @@ class CompiledComparison:
 
     plain: CompiledMemory
     planned: CompiledMemory
+    # Predicted from each compiled schedule (`_simulate`); None where the GPU's rates
+    # are unknown.
+    plain_step: StepEstimate | None = None
+    planned_step: StepEstimate | None = None
 
     @property
     def peak_ratio(self) -> float:
@@ -93,17 +104,28 @@ def compile_both(
 ) -> CompiledComparison:
     """Compile the gradient computation of `plain` and of `planned` (the same function
     under `het_offload`) for `target` (None: the local backend)."""
-    without = compiled_memory(gradient_computation(plain, is_step), *args, target=target, **kwargs)
+    without = _compiled(gradient_computation(plain, is_step), target, args, kwargs)
     if planned is plain:
-        return CompiledComparison(without, without)
-    with_plan = compiled_memory(
-        gradient_computation(planned, is_step), *args, target=target, **kwargs
-    )
-    return CompiledComparison(without, with_plan)
+        return CompiledComparison(*without, *without)
+    with_plan = _compiled(gradient_computation(planned, is_step), target, args, kwargs)
+    return CompiledComparison(without[0], with_plan[0], without[1], with_plan[1])
+
+
+def _compiled(
+    fun: Callable[..., Any], target: str | os.PathLike | None, args: tuple, kwargs: dict
+) -> tuple[CompiledMemory, StepEstimate | None]:
+    """The compiled memory of `fun` and its predicted step time (None where unknown)."""
+    compiled = compile_for(fun, *args, target=target, **kwargs)
+    memory = CompiledMemory.of(compiled, "local" if target is None else os.fspath(target))
+    try:
+        return memory, simulate_step(compiled, target)
+    except ValueError as e:  # a GPU without a shipped description
+        warn_once(f"hetjax: no predicted step time: {e}")
+        return memory, None
 
 
 Inputs = list[Any]
-_peaks: dict[tuple, int] = {}  # (program key, decisions) -> compiled peak bytes
+_compiles: dict[tuple, tuple[int, float | None]] = {}  # (program, decisions) -> figures
 
 
 def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Plan:
@@ -114,17 +136,39 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     min_bytes, profile = options["min_bytes"], options["profile"]
     program = (_program_key(primal, inputs), where)
 
-    def peak(plan: Plan | None) -> int:
+    def compiled(plan: Plan | None) -> tuple[int, float | None]:
+        """(compiled peak bytes, predicted step ms) of the gradient computation."""
         key = (program, None if plan is None else _decisions(plan))
-        if key not in _peaks:
+        if key not in _compiles:
             fun = gradient_program(primal, usage, plan)
             avals = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in inputs]
-            _peaks[key] = compiled_memory(fun, *avals, target=target).peak_bytes
-        return _peaks[key]
+            memory, step = _compiled(fun, target, tuple(avals), {})
+            _compiles[key] = (memory.peak_bytes, None if step is None else step.step_ms)
+        return _compiles[key]
 
-    plain = peak(None)
+    def peak(plan: Plan) -> int:
+        return compiled(plan)[0]
+
+    plain, plain_ms = compiled(None)
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
-    if budget is None or policy == "all":
+    order = budget_order(usage, min_bytes, profile)
+
+    def prefix(k: int) -> Plan:
+        chosen = set(order[:k])
+        return make_plan(usage, lambda r: r.index in chosen, min_bytes=min_bytes,
+                         profile=profile)  # fmt: skip
+
+    if policy == "auto" and budget is None and plain_ms is not None:
+        limit = plain_ms * (1 + AUTO_SLOWDOWN)
+        plan, planned = _fastest_saving(prefix, len(order), compiled, limit, (unchanged, plain))
+        if plan is unchanged:
+            warn_once(
+                f"hetjax: policy='auto' moves nothing here: no plan along its order of moves "
+                f"compiles below the {plain:,} bytes peak without it, for {where}, with a "
+                f"predicted step time within {AUTO_SLOWDOWN:.0%} of plain's "
+                f"({plain_ms:.1f} ms). A device_budget trades time for memory."
+            )
+    elif budget is None or policy == "all":
         plan = make_plan(usage, policy, min_bytes=min_bytes, profile=profile)
         planned = peak(plan)
         if planned > plain:
@@ -134,13 +178,6 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             )
             plan, planned = unchanged, plain
     else:
-        order = budget_order(usage, min_bytes, profile)
-
-        def prefix(k: int) -> Plan:
-            chosen = set(order[:k])
-            return make_plan(usage, lambda r: r.index in chosen, min_bytes=min_bytes,
-                             profile=profile)  # fmt: skip
-
         plan, planned = _bisect(prefix, len(order), peak, budget, (unchanged, plain))
         if planned > budget:
             warn_once(
@@ -148,10 +185,48 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
                 f"best plan found compiles to a peak of {planned:,} bytes ({plain:,} "
                 f"without hetjax)."
             )
+    step_ms = plain_ms if plan is unchanged else compiled(plan)[1]
     return dataclasses.replace(
         plan, policy=policy, device_budget=budget, checked_by=where,
         compiled_plain_peak_bytes=plain, compiled_peak_bytes=planned,
+        predicted_plain_step_ms=plain_ms, predicted_step_ms=step_ms,
     )  # fmt: skip
+
+
+def _fastest_saving(
+    prefix: Callable[[int], Plan],
+    n: int,
+    compiled: Callable[[Plan], tuple[int, float | None]],
+    limit_ms: float,
+    unchanged: tuple[Plan, int],
+) -> tuple[Plan, int]:
+    """`policy="auto"` without a budget: bisect the greedy order for the longest prefix
+    whose predicted step time is at most `limit_ms` (moving more costs more link time,
+    near enough), then keep, of the prefixes compiled, the lowest peak below plain's
+    among those within the limit; `unchanged` where none is."""
+    seen: dict[int, tuple[Plan, int, float]] = {}
+
+    def at(k: int) -> tuple[Plan, int, float]:
+        if k not in seen:
+            plan = prefix(k)
+            peak, ms = compiled(plan)
+            seen[k] = (plan, peak, float("inf") if ms is None else ms)
+        return seen[k]
+
+    lo, hi = 0, n
+    if at(n)[2] <= limit_ms:
+        lo = n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if at(mid)[2] <= limit_ms:
+            lo = mid
+        else:
+            hi = mid - 1
+    fits = [(peak, k) for k, (_, peak, ms) in seen.items() if ms <= limit_ms and k > 0]
+    if not fits or min(fits)[0] >= unchanged[1]:
+        return unchanged
+    peak, k = min(fits)
+    return seen[k][0], peak
 
 
 def _bisect(

@@ -33,6 +33,10 @@ from ._usage import ResidualUsage, Usage
 Policy = str | Callable[[ResidualUsage], bool]
 POLICIES = ("auto", "all", "none")
 NO_SLOWDOWN_FRACTION = 0.01  # exposed transfer time allowed by "auto" with no budget
+# Pins give each copy this much more than its link time: a barrier waits where its
+# anchor is ready, a little before the pinned equation, and XLA's kernels outrun the
+# cost model's (reference mlp, compiled for the H200: one move, 1.9 ms exposed at 1.0).
+PIN_SLACK = 1.3
 
 
 class HetjaxWarning(UserWarning):
@@ -91,6 +95,9 @@ class Plan:
     checked_by: str | None = None
     compiled_plain_peak_bytes: int | None = None
     compiled_peak_bytes: int | None = None
+    # The step time predicted from each compiled schedule (`_simulate`), where known.
+    predicted_plain_step_ms: float | None = None
+    predicted_step_ms: float | None = None
 
     @property
     def offloaded(self) -> tuple[ResidualUsage, ...]:
@@ -289,7 +296,9 @@ def _with_pins(
     by_production = sorted(moved, key=lambda r: (r.produced_at, r.index))
     productions = sorted({r.produced_at for r in moved})
     for r in by_production:
-        link_free = max(clock[_copy_starts(r)], link_free) + profile.d2h_seconds(r.nbytes)
+        link_free = max(clock[_copy_starts(r)], link_free) + PIN_SLACK * profile.d2h_seconds(
+            r.nbytes
+        )
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
         end_fwd = backward_from(r)
@@ -300,8 +309,8 @@ def _with_pins(
     needs = sorted({need[r.index] for r in moved})
     for r in sorted(moved, key=lambda r: (-need[r.index], r.index)):
         at = need[r.index]
-        link_busy_from = min(clock[_fetch_due(r, at)], link_busy_from) - profile.h2d_seconds(
-            r.nbytes
+        link_busy_from = min(clock[_fetch_due(r, at)], link_busy_from) - (
+            PIN_SLACK * profile.h2d_seconds(r.nbytes)
         )
         pos = int(np.searchsorted(clock, link_busy_from, side="right")) - 1
         earlier = [n for n in needs if n < at]

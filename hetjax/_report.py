@@ -138,12 +138,19 @@ class Report:
             return [*check, "compiled: not checked (no GPU here; target='h200' gives XLA's "
                     "H200 figures)"]  # fmt: skip
         where = f"compiled for {c.plain.target} ({c.plain.device_kind}, jax {c.plain.jax_version})"
-        return [
+        lines = [
             *check,
             f"{where}, not run:",
             f"  without the plan: {c.plain.summary()}",
             f"  with the plan:    {c.planned.summary()}; peak x{c.peak_ratio:.2f}",
         ]
+        if c.plain_step is not None and c.planned_step is not None:
+            lines += [
+                "  step time predicted from the compiled schedule (hetjax.simulate_step):",
+                f"    without the plan: {c.plain_step.summary()}",
+                f"    with the plan:    {c.planned_step.summary()}",
+            ]
+        return lines
 
 
 def analyze(
@@ -179,8 +186,10 @@ def analyze(
         >>> report = hetjax.analyze(loss, w, x, policy=every, target="h200")
         >>> report.compiled.plain.host_temp_bytes, report.compiled.planned.host_temp_bytes
         (0, 2097152)
-        >>> print(report.table().splitlines()[-3])
+        >>> print(report.table().splitlines()[-6])
         compiled for h200 (NVIDIA H200 141GB HBM3e, jax ...), not run:
+        >>> report.compiled.planned_step.d2h_ms > 0  # the moved tanh output, on the link
+        True
     """
     check_options(policy, min_bytes, device_budget)
     if target is not None:

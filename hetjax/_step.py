@@ -30,7 +30,9 @@ from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
     SliceRebuild,
+    accumulates,
     is_forced,
+    reach_of,
     replay,
     scan_from_host,
     scan_to_host,
@@ -198,7 +200,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             read_sliced.setdefault(r.first_backward_use, []).append(v)
             continue
         produced.setdefault(r.produced_at, []).append(v)
-        host_pins.schedule(r.offload_by, v)
+        host_pins.schedule(r.offload_by, v, r.produced_at)
         device_pins.schedule(r.prefetch_at, v)
 
     inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
@@ -225,9 +227,11 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
     env.update(zip(jaxpr.invars, inputs, strict=True))
     host: dict[Var, Any] = {}
     recent = None  # the latest value computed: an anchor when an equation has none
+    given = frozenset(inputs_of)  # exist from the start: they order nothing
+    reach: dict[Var, int] = {}
     for i, eqn in enumerate(jaxpr.eqns):
-        host_pins.pin_at(i, eqn, env, host)
-        for v in device_pins.pin_at(i, eqn, env, host, avoid=host, fallback=recent):
+        host_pins.pin_at(i, eqn, env, host, reach=reach)
+        for v in device_pins.pin_at(i, eqn, env, host, avoid=given | host.keys(), fallback=recent):
             env[v] = to_device(host.pop(v))
         for k in rebuild.get(i, ()):
             recompute(k)
@@ -240,7 +244,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         else:
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
-        recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
+        reach.update((v, reach_of(i, eqn, reach)) for v in eqn.outvars)
+        if not accumulates(eqn):
+            recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
         for v in produced.get(i, ()):
             host[v] = to_host(env[v])
     outputs = [read_atom(env, v) for v in jaxpr.outvars]

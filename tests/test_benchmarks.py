@@ -62,6 +62,11 @@ VARIANT_KEYS = {
     "peak_bytes": INT_OR_NONE,
     "step_ms": float,
     "step_ms_min": float,
+    "predicted_step_ms": FLOAT_OR_NONE,
+    "predicted_compute_ms": FLOAT_OR_NONE,
+    "predicted_exposed_link_ms": FLOAT_OR_NONE,
+    "predicted_d2h_ms": FLOAT_OR_NONE,
+    "predicted_h2d_ms": FLOAT_OR_NONE,
     "grad_rel_err": float,
     "warnings": list,
     "error": type(None),
@@ -219,7 +224,13 @@ def test_compiled_mode_gives_the_figures_of_a_hand_made_compile(tmp_path: Path) 
         updates, opt_state = model.optimizer.update(grads, opt_state, params)
         return value, optax.apply_updates(params, updates), opt_state
 
-    stats = jax.jit(step).trace(*args).lower().compile().memory_analysis()
+    compiled = jax.jit(step).trace(*args).lower().compile()
+    stats = compiled.memory_analysis()
+    # The predicted step time is the simulator's, on the same program.
+    assert plain["predicted_step_ms"] == hetjax.simulate_step(compiled, "h200").step_ms
+    assert plain["predicted_exposed_link_ms"] == 0 < plain["predicted_compute_ms"]
+    link = hetjax.DeviceProfile.for_platform("gpu").d2h_bytes_per_s
+    assert offloaded["predicted_d2h_ms"] == pytest.approx(2**31 / link * 1e3)
     assert plain["temp_bytes"] == stats.temp_size_in_bytes
     assert plain["host_temp_bytes"] == stats.host_temp_size_in_bytes == 0
     assert plain["compiled_peak_bytes"] == (

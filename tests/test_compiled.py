@@ -272,20 +272,42 @@ def test_checked_compiles_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     from hetjax import _check
 
     count = [0]
-    compiled_memory = _check.compiled_memory
+    compile_for = _check.compile_for
 
     def counting(*args: object, **kwargs: object) -> object:
         count[0] += 1
-        return compiled_memory(*args, **kwargs)
+        return compile_for(*args, **kwargs)
 
-    monkeypatch.setattr(_check, "compiled_memory", counting)
+    monkeypatch.setattr(_check, "compile_for", counting)
     ws = [spec((256, 256)) for _ in range(3)]
     x = spec((512, 256))
-    hetjax.analyze(mlp, ws, x, min_bytes=0, target="h100_sxm")
-    assert count[0] == 2  # without and with the plan
+    with pytest.warns(hetjax.HetjaxWarning, match="policy='auto' moves nothing here"):
+        hetjax.analyze(mlp, ws, x, min_bytes=0, target="h100_sxm")
+    first = count[0]
+    assert first >= 2  # without a plan, and at least one plan
     loss = hetjax.het_offload(mlp, min_bytes=0, target="h100_sxm")
     jax.jit(jax.grad(loss)).trace(ws, x)  # traced again, at run time: no compile
-    assert count[0] == 2
+    assert count[0] == first
+
+
+def test_auto_keeps_the_lowest_peak_within_the_time_limit() -> None:
+    from hetjax._check import _fastest_saving
+
+    figures = [(100, 10.0), (90, 10.2), (80, 10.4), (75, 10.45), (60, 12.0), (50, 20.0)]
+    asked: list[int] = []
+
+    def compiled(k: int) -> tuple[int, float]:
+        asked.append(k)
+        return figures[k]
+
+    # The longest prefix within 10.5 ms is 3, found by bisection (5, 3, 4 compiled).
+    assert _fastest_saving(lambda k: k, 5, compiled, 10.5, (-1, 100)) == (3, 75)
+    assert len(asked) <= 4
+    # Nothing within the limit saves memory: unchanged.
+    assert _fastest_saving(lambda k: k, 5, lambda k: (figures[k][0] + 50, figures[k][1]), 10.5,
+                           (-1, 100)) == (-1, 100)  # fmt: skip
+    # Everything fits: the whole order.
+    assert _fastest_saving(lambda k: k, 5, compiled, 99.0, (-1, 100)) == (5, 50)
 
 
 def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
