@@ -4,7 +4,8 @@ The planner's memory figures are a model; XLA's fusion and buffer reuse decide t
 ones. This stage compiles the gradient computation without and with a plan, for a GPU
 target or the local GPU, and keeps only plans the compiler confirms:
 - `policy="auto"` without a budget moves what does not slow the step: along the
-  planner's greedy order of moves, the longest prefix whose predicted step time
+  order in which the cost model expects moves to hide (`_plan.hiding_order`), the
+  longest prefix whose predicted step time
   (`_simulate`, from the compiled schedule) is within `AUTO_SLOWDOWN` of plain's, and,
   among the prefixes compiled on the way there, the one with the lowest compiled peak
   below plain's. Where none saves memory, it moves nothing and says why, once.
@@ -33,7 +34,7 @@ import numpy as np
 
 from ._compat import eval_jaxpr
 from ._compile import CompiledMemory, compile_for
-from ._plan import Plan, budget_order, make_plan, warn_once
+from ._plan import Plan, budget_order, hiding_order, make_plan, warn_once
 from ._rewrite import offloaded_call
 from ._simulate import StepEstimate, simulate_step
 from ._step import StepProgram, run_step
@@ -151,7 +152,12 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
     plain, plain_ms = compiled(None)
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
-    order = budget_order(usage, min_bytes, profile)
+    # Without a budget, "auto" takes the moves the cost model expects to hide, in its
+    # order; a budget takes the greedy order that lowers the modelled peak fastest.
+    if policy == "auto" and budget is None:
+        order = hiding_order(usage, min_bytes, profile)
+    else:
+        order = budget_order(usage, min_bytes, profile)
 
     def prefix(k: int) -> Plan:
         chosen = set(order[:k])

@@ -37,6 +37,10 @@ NO_SLOWDOWN_FRACTION = 0.01  # exposed transfer time allowed by "auto" with no b
 # anchor is ready, a little before the pinned equation, and XLA's kernels outrun the
 # cost model's (reference mlp, compiled for the H200: one move, 1.9 ms exposed at 1.0).
 PIN_SLACK = 1.3
+# Copies to host that may be in flight at once: each must be done before the production
+# of the IN_FLIGHT-th next moved residual. One stalled the reference mlp's forward
+# (1.1 ms per copy, compiled for the H200) where two hide.
+IN_FLIGHT = 2
 
 
 class HetjaxWarning(UserWarning):
@@ -248,11 +252,24 @@ def _greedy_moves(eligible: list[ResidualUsage], budget: float, evaluate: Evalua
 
 def _no_slowdown(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> set[int]:
     """Move what hides under compute: biggest idle bytes first, while exposure is ~0."""
-    moved: set[int] = set()
+    return set(_hiding_moves(eligible, allowed_s, evaluate))
+
+
+def _hiding_moves(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> list[int]:
+    """`_no_slowdown`'s choices, in the order it takes them."""
+    moved: list[int] = []
     for r in sorted(eligible, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
-        if evaluate(moved | {r.index})[2] <= allowed_s:
-            moved.add(r.index)
+        if evaluate({*moved, r.index})[2] <= allowed_s:
+            moved.append(r.index)
     return moved
+
+
+def hiding_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = None) -> list[int]:
+    """The residuals `policy="auto"` without a budget moves, in the order it takes them:
+    biggest idle bytes first, skipping any whose copies the cost model says would not
+    hide under compute. A shorter prefix moves less and risks less."""
+    _, clock, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
+    return _hiding_moves(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
 
 
 def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usage: Usage) -> dict:
@@ -302,7 +319,7 @@ def _with_pins(
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
         end_fwd = backward_from(r)
-        pos = min(pos, later[0] + 1 if later else end_fwd)
+        pos = min(pos, later[IN_FLIGHT - 1] + 1 if len(later) >= IN_FLIGHT else end_fwd)
         pins[r.index]["offload_by"] = int(np.clip(pos, r.last_forward_use + 1, end_fwd))
 
     link_busy_from = np.inf
@@ -356,3 +373,19 @@ def _exposed_seconds(
         link_free = start + profile.h2d_seconds(r.nbytes)
         delay += max(0.0, link_free - (clock[_fetch_due(r, r.first_backward_use)] + delay))
     return delay
+
+
+def arrival_positions(plan: Plan) -> dict[int, int]:
+    """For each residual fetched whole, the backward position by which its copy back
+    is done by the cost model (its link queue, with `PIN_SLACK`), at most its first use."""
+    clock = np.asarray(plan.timeline)
+    arrivals: dict[int, int] = {}
+    link_free = 0.0
+    fetched = [r for r in plan.offloaded if not r.per_iteration]
+    for r in sorted(fetched, key=lambda r: (r.prefetch_at, r.first_backward_use, r.index)):
+        link_free = max(clock[r.prefetch_at], link_free) + PIN_SLACK * plan.profile.h2d_seconds(
+            r.nbytes
+        )
+        at = int(np.searchsorted(clock, link_free, side="left"))
+        arrivals[r.index] = min(at, r.first_backward_use)
+    return arrivals

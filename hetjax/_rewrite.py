@@ -40,7 +40,7 @@ from ._compat import (
     scan_counts,
     zeros_like_aval,
 )
-from ._plan import Plan
+from ._plan import Plan, arrival_positions
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
 
 HOST = jax.memory.Space.Host
@@ -242,6 +242,8 @@ def run_backward(
     input_value = dict(zip(layout.inputs, stored[len(layout.residuals) :], strict=True))
 
     prefetch: dict[int, list[int]] = {}
+    arrive: dict[int, list[int]] = {}  # fetched copies to complete by then
+    arrivals = arrival_positions(plan)
     sliced: dict[int, list[Var]] = {}  # scan eqn -> its stacked inputs read from host
     # scan eqn -> {operand index: how to rebuild that stacked input slice by slice}
     rebuilt: dict[int, dict[int, SliceRebuild]] = {}
@@ -258,6 +260,8 @@ def run_backward(
             sliced.setdefault(r.first_backward_use - num_fwd, []).append(res_invars[r.index])
             continue
         prefetch.setdefault(r.prefetch_at - num_fwd, []).append(r.index)
+        if arrivals[r.index] < r.first_backward_use:
+            arrive.setdefault(arrivals[r.index] - num_fwd, []).append(r.index)
 
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, program.backward.consts, strict=True))
@@ -303,6 +307,13 @@ def run_backward(
             on_host.update(zip(ks, tied, strict=True))
         for k in ks:
             fetch(k)
+        # Pinned at both ends: XLA's scheduler would start a fetch only as early as its
+        # own copy model asks (reference mlp, compiled for the H200: 1.9 ms ahead of its
+        # use for a 2.6 ms copy), so the copy must also be done by its arrival.
+        done = [k for k in arrive.get(j, ()) if k in value and res_invars[k] not in env]
+        if done and anchor is not None:
+            tied, env[anchor] = _tie([value[k] for k in done], env[anchor])
+            value.update(zip(done, tied, strict=True))
         if j in sliced or j in rebuilt:  # stacks read from host or rebuilt, slice by slice
             here, rebuild = sliced.get(j, []), rebuilt.get(j, {})
             invals = [
