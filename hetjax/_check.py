@@ -159,10 +159,12 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     else:
         order = budget_order(usage, min_bytes, profile)
 
+    speed_first = policy == "auto" and budget is None
+
     def prefix(k: int) -> Plan:
         chosen = set(order[:k])
         return make_plan(usage, lambda r: r.index in chosen, min_bytes=min_bytes,
-                         profile=profile)  # fmt: skip
+                         profile=profile, speed_first=speed_first)  # fmt: skip
 
     if policy == "auto" and budget is None and plain_ms is not None:
         limit = plain_ms * (1 + AUTO_SLOWDOWN)

@@ -37,10 +37,11 @@ NO_SLOWDOWN_FRACTION = 0.01  # exposed transfer time allowed by "auto" with no b
 # anchor is ready, a little before the pinned equation, and XLA's kernels outrun the
 # cost model's (reference mlp, compiled for the H200: one move, 1.9 ms exposed at 1.0).
 PIN_SLACK = 1.3
-# Copies to host that may be in flight at once: each must be done before the production
-# of the IN_FLIGHT-th next moved residual. One stalled the reference mlp's forward
-# (1.1 ms per copy, compiled for the H200) where two hide.
-IN_FLIGHT = 2
+# Copies to host that may be in flight at once when a plan puts speed first: each must
+# be done before the production of the IN_FLIGHT_FOR_SPEED-th next moved residual. One
+# (the memory-first window) stalled the reference mlp's forward 1.1 ms per copy where
+# two hide; but two cost `policy="all"` 320 MiB more there (H200 compiles).
+IN_FLIGHT_FOR_SPEED = 2
 
 
 class HetjaxWarning(UserWarning):
@@ -99,6 +100,8 @@ class Plan:
     checked_by: str | None = None
     compiled_plain_peak_bytes: int | None = None
     compiled_peak_bytes: int | None = None
+    # "auto" without a budget: pins that cost no compute over memory (see `_rewrite`).
+    speed_first: bool = False
     # The step time predicted from each compiled schedule (`_simulate`), where known.
     predicted_plain_step_ms: float | None = None
     predicted_step_ms: float | None = None
@@ -147,11 +150,15 @@ def make_plan(
     min_bytes: int = 2**20,
     device_budget: float | None = None,
     profile: DeviceProfile | None = None,
+    speed_first: bool | None = None,
 ) -> Plan:
-    """Decide, for each residual of `usage`, whether to keep, offload or recompute it."""
+    """Decide, for each residual of `usage`, whether to keep, offload or recompute it.
+    `speed_first` (default: `"auto"` without a budget) pins for time over memory."""
     check_options(policy, min_bytes, device_budget)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
-    profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile)
+    if speed_first is None:
+        speed_first = policy == "auto" and device_budget is None
+    profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile, speed_first)
     if policy == "all":
         moved = {r.index for r in eligible}
     elif callable(policy):
@@ -164,7 +171,7 @@ def make_plan(
     baseline = plan_timeline(usage, [dataclasses.replace(r, decision="keep") for r in records])
     plan = Plan(
         records, profile, policy_name, device_budget, tuple(float(t) for t in clock),
-        usage.boundary, baseline, predicted, exposed,
+        usage.boundary, baseline, predicted, exposed, speed_first=speed_first,
     )  # fmt: skip
     if not plan.feasible:
         short = plan.predicted_peak_bytes - device_budget
@@ -210,10 +217,15 @@ def budget_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = N
 
 
 def _choices(
-    usage: Usage, policy: Policy, min_bytes: int, profile: DeviceProfile | None
+    usage: Usage,
+    policy: Policy,
+    min_bytes: int,
+    profile: DeviceProfile | None,
+    speed_first: bool = False,
 ) -> tuple[DeviceProfile, np.ndarray, list[ResidualUsage], Evaluate]:
     """The profile, the clock, the residuals a policy may move, and how a set of moves
     evaluates: `(records, predicted memory, exposed seconds)`."""
+    in_flight = IN_FLIGHT_FOR_SPEED if speed_first else 1
     profile = profile or DeviceProfile.for_platform("gpu")
     clock = program_timeline(usage, profile)
     first = {r.index: _first_decision(r, policy, min_bytes) for r in usage.residuals}
@@ -226,7 +238,7 @@ def _choices(
             # Recomputing alone saves nothing XLA does not save itself: compiled for the
             # H200 it cost up to 56% more temp (reference cnn). Without a move, keep.
             decided = {k: ("keep" if d == "recompute" else d) for k, d in decided.items()}
-        records = _with_pins(usage, decided, clock, profile)
+        records = _with_pins(usage, decided, clock, profile, in_flight)
         return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
 
     return profile, clock, eligible, evaluate
@@ -268,7 +280,7 @@ def hiding_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = N
     """The residuals `policy="auto"` without a budget moves, in the order it takes them:
     biggest idle bytes first, skipping any whose copies the cost model says would not
     hide under compute. A shorter prefix moves less and risks less."""
-    _, clock, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
+    _, clock, eligible, evaluate = _choices(usage, "auto", min_bytes, profile, speed_first=True)
     return _hiding_moves(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
 
 
@@ -290,15 +302,19 @@ def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usag
 
 
 def _with_pins(
-    usage: Usage, decided: dict[int, str], clock: np.ndarray, profile: DeviceProfile
+    usage: Usage,
+    decided: dict[int, str],
+    clock: np.ndarray,
+    profile: DeviceProfile,
+    in_flight: int = 1,
 ) -> tuple[ResidualUsage, ...]:
     """Records with decisions and the forward and backward pin positions.
 
     A queue model of each link direction gives when each copy can finish (forward)
     or must start (backward). A window then bounds memory when the link is the
-    bottleneck: a copy to host must finish before the next moved residual is
-    produced, and a copy back must not start before the previously needed one is
-    consumed. So at most about two moved residuals are in flight at a time.
+    bottleneck: a copy to host must finish before the `in_flight`-th next moved residual
+    is produced, and a copy back must not start before the previously needed one is
+    consumed. So at most about `in_flight` + 1 moved residuals are in flight at a time.
     """
     by_index = {r.index: r for r in usage.residuals}
     need = _first_need(by_index, decided, usage)
@@ -319,7 +335,7 @@ def _with_pins(
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
         end_fwd = backward_from(r)
-        pos = min(pos, later[IN_FLIGHT - 1] + 1 if len(later) >= IN_FLIGHT else end_fwd)
+        pos = min(pos, later[in_flight - 1] + 1 if len(later) >= in_flight else end_fwd)
         pins[r.index]["offload_by"] = int(np.clip(pos, r.last_forward_use + 1, end_fwd))
 
     link_busy_from = np.inf

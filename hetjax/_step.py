@@ -245,7 +245,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         reach.update((v, reach_of(i, eqn, reach)) for v in eqn.outvars)
-        if not accumulates(eqn):
+        if not (plan.speed_first and accumulates(eqn)):  # see `_rewrite.gradient_sums`
             recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
         for v in produced.get(i, ()):
             host[v] = to_host(env[v])
