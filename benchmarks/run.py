@@ -681,7 +681,8 @@ def compile_main(args: argparse.Namespace) -> int:
     print(f"{args.model} / {args.preset}: {device}, jax {info['jax_version']}")
     print(
         f"note: XLA's memory figures for the {args.target} program, compiled on this "
-        f"machine: nothing runs, so there is no step time, measured peak or gradient check.",
+        f"machine, and step times predicted from its schedule (hetjax.simulate_step): "
+        f"nothing runs, so there is no measured time or peak, and no gradient check.",
         flush=True,
     )
     results = []

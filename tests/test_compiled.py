@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +267,25 @@ def test_a_budget_is_compiled_bytes_and_an_unmet_one_keeps_the_best_plan() -> No
     assert tight.plan.compiled_peak_bytes == plain_peak
     loose = hetjax.analyze(small_loss, W, X1, min_bytes=0, device_budget=plain_peak, target="h200")
     assert loose.feasible and loose.plan.compiled_peak_bytes <= plain_peak
+
+
+def stacked_mlp(ws: jax.Array, x: jax.Array) -> jax.Array:
+    return mlp([ws[i] for i in range(ws.shape[0])], x)
+
+
+def test_the_compiled_peak_falls_as_the_budget_falls() -> None:
+    ws, x = spec((16, 1024, 1024)), spec((16384, 1024))
+    plain = hetjax.analyze(stacked_mlp, ws, x, policy="none", target="h200")
+    plain = plain.compiled.plain.peak_bytes
+    peaks = []
+    for fraction in (1.0, 0.9, 0.8, 0.7, 0.6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hetjax.HetjaxWarning)  # an unmet budget says so
+            budget = fraction * plain
+            plan = hetjax.analyze(stacked_mlp, ws, x, device_budget=budget, target="h200").plan
+        assert plan.feasible == (plan.compiled_peak_bytes <= fraction * plain)
+        peaks.append(plan.compiled_peak_bytes)
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < plain
 
 
 def test_checked_compiles_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
