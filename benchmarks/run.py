@@ -207,7 +207,10 @@ VARIANTS: dict[str, Builder] = {
     "hetjax_auto": hetjax_with("auto"),
     "hetjax_auto@0.8": hetjax_budget(0.8),
     "hetjax_auto@0.6": hetjax_budget(0.6),
-    # Not in the default list: each remat policy on its own.
+    # Not in the default list (each budget is a search of a few compiles): tighter
+    # budgets, and each remat policy on its own.
+    "hetjax_auto@0.4": hetjax_budget(0.4),
+    "hetjax_auto@0.2": hetjax_budget(0.2),
     "jax_remat_nothing": remat_with("nothing_saveable"),
     "jax_remat_dots": remat_with("dots_saveable"),
 }
@@ -237,6 +240,9 @@ RESULT_KEYS = (
     "predicted_exposed_link_ms",
     "predicted_d2h_ms",
     "predicted_h2d_ms",
+    "matmul_flops",
+    "d2h_bytes",
+    "h2d_bytes",
     "grad_rel_err",
     "warnings",
     "error",
@@ -376,6 +382,10 @@ def schedule_fields(compiled: Any, target: str = LOCAL) -> dict[str, Any]:
         "predicted_exposed_link_ms": e.exposed_link_ms,
         "predicted_d2h_ms": e.d2h_ms,
         "predicted_h2d_ms": e.h2d_ms,
+        # counted from the compiled program, not predicted
+        "matmul_flops": e.matmul_flops,
+        "d2h_bytes": e.d2h_bytes,
+        "h2d_bytes": e.h2d_bytes,
     }
 
 

@@ -125,6 +125,9 @@ class StepEstimate:
     `compute_ms` is the kernels' roofline time; `d2h_ms` and `h2d_ms` the time each link
     direction is busy; `exposed_link_ms` the time the stream waits for the links (what
     moving to host adds to the step); `collective_ms` the interconnect's busy time.
+    `matmul_flops` (dot and convolution flops, loops counted by their trips) and
+    `d2h_bytes` / `h2d_bytes` (bytes each link direction carries) are counted from the
+    program, not predicted: recomputation shows in the first, offloading in the others.
     """
 
     target: str
@@ -136,6 +139,9 @@ class StepEstimate:
     collective_ms: float
     kernels: int
     not_modelled: tuple[str, ...] = ()
+    matmul_flops: float = 0.0
+    d2h_bytes: float = 0.0
+    h2d_bytes: float = 0.0
 
     def summary(self) -> str:
         """One line, e.g. `predicted 42.1 ms (compute 40.0, exposed link 2.1; ...)`."""
@@ -428,11 +434,12 @@ class _Walk:
         self.now = 0.0
         self.compute = self.link_wait = self.collective_busy = self.collective_wait = 0.0
         self.busy = {"d2h": 0.0, "h2d": 0.0}  # seconds each direction carries bytes
+        self.moved = {"d2h": 0.0, "h2d": 0.0}  # bytes each direction carries
+        self.flops = 0.0
         self.free = {"d2h": 0.0, "h2d": 0.0, "net": 0.0}  # when each is next free
         self.pending: dict[str, tuple[str, float]] = {}  # async start -> (stream, done at)
         self.kernels = 0
         self.not_modelled: set[str] = set()
-        self._kernel_cache: dict[tuple[str, str], tuple[float, float, float]] = {}
 
     def run(self) -> StepEstimate:
         self.walk(self.module.entry)
@@ -449,6 +456,9 @@ class _Walk:
             collective_ms=self.collective_busy * 1e3,
             kernels=self.kernels,
             not_modelled=tuple(sorted(self.not_modelled)),
+            matmul_flops=self.flops,
+            d2h_bytes=self.moved["d2h"],
+            h2d_bytes=self.moved["h2d"],
         )
 
     def walk(self, computation: str) -> None:
@@ -544,6 +554,7 @@ class _Walk:
         start = max(self.now, self.free[direction])
         self.free[direction] = start + nbytes / rate
         self.busy[direction] += nbytes / rate
+        self.moved[direction] += nbytes
         return self.free[direction]
 
     def _hbm(self) -> float:
@@ -577,6 +588,9 @@ class _Walk:
         writing = host_written / self.profile.d2h_bytes_per_s
         self.busy["h2d"] += reading
         self.busy["d2h"] += writing
+        self.moved["h2d"] += host_read
+        self.moved["d2h"] += host_written
+        self.flops += flops
         return seconds, reading + writing
 
     def _cost_of_computation(self, name: str) -> float:

@@ -67,6 +67,9 @@ VARIANT_KEYS = {
     "predicted_exposed_link_ms": FLOAT_OR_NONE,
     "predicted_d2h_ms": FLOAT_OR_NONE,
     "predicted_h2d_ms": FLOAT_OR_NONE,
+    "matmul_flops": FLOAT_OR_NONE,
+    "d2h_bytes": FLOAT_OR_NONE,
+    "h2d_bytes": FLOAT_OR_NONE,
     "grad_rel_err": float,
     "warnings": list,
     "error": type(None),
@@ -231,6 +234,8 @@ def test_compiled_mode_gives_the_figures_of_a_hand_made_compile(tmp_path: Path) 
     assert plain["predicted_exposed_link_ms"] == 0 < plain["predicted_compute_ms"]
     link = hetjax.DeviceProfile.for_platform("gpu").d2h_bytes_per_s
     assert offloaded["predicted_d2h_ms"] == pytest.approx(2**31 / link * 1e3)
+    assert offloaded["d2h_bytes"] == offloaded["h2d_bytes"] == 2**31 and plain["d2h_bytes"] == 0
+    assert offloaded["matmul_flops"] == plain["matmul_flops"] > 0  # nothing recomputed
     assert plain["temp_bytes"] == stats.temp_size_in_bytes
     assert plain["host_temp_bytes"] == stats.host_temp_size_in_bytes == 0
     assert plain["compiled_peak_bytes"] == (

@@ -185,9 +185,30 @@ def test_moved_bytes_are_link_time_and_plain_has_none(gpu_compile: None) -> None
     e = hetjax.simulate_step(hetjax.compile_for(jax.grad(offloaded), ws, x, target="h200"), "h200")
     assert e.d2h_ms == pytest.approx(moved / PROFILE.d2h_bytes_per_s * 1e3)
     assert e.h2d_ms == pytest.approx(moved / PROFILE.h2d_bytes_per_s * 1e3)
+    assert e.d2h_bytes == e.h2d_bytes == moved
     plain = hetjax.simulate_step(hetjax.compile_for(jax.grad(mlp), ws, x, target="h200"), "h200")
     assert plain.d2h_ms == plain.h2d_ms == plain.exposed_link_ms == 0
+    assert plain.d2h_bytes == plain.h2d_bytes == 0
     assert e.step_ms > plain.step_ms
+    # Moving recomputes nothing: 4 forward matmuls, 4 weight and 3 input gradients.
+    assert e.matmul_flops == plain.matmul_flops == 11 * 2 * 8192 * 2048 * 2048
+
+
+def test_recomputation_shows_in_the_matmul_flops(gpu_compile: None) -> None:
+    ws, x = [jax.ShapeDtypeStruct((2048, 2048), BF16)] * 4, jax.ShapeDtypeStruct((8192, 2048), BF16)
+
+    def remat(ws: list, x: jax.Array) -> jax.Array:
+        for w in ws:
+            x = jax.checkpoint(lambda x, w: jnp.tanh(x @ w))(x, w)
+        return jnp.mean(x.astype(jnp.float32) ** 2)
+
+    flops = [
+        hetjax.simulate_step(hetjax.compile_for(jax.grad(f), ws, x, target="h200"), "h200")
+        for f in (mlp, remat)
+    ]
+    layer = 2 * 8192 * 2048 * 2048
+    assert flops[0].matmul_flops == 11 * layer
+    assert flops[1].matmul_flops in (14 * layer, 15 * layer)  # the last layer may be reused
 
 
 def test_a_scan_costs_its_trips_like_the_unrolled_loop(gpu_compile: None) -> None:
