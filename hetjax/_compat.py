@@ -39,6 +39,12 @@ convert_constvars_jaxpr = pe.convert_constvars_jaxpr
 eval_jaxpr = core.eval_jaxpr
 
 
+def used_inputs(jaxpr: Jaxpr) -> list[bool]:
+    """Which inputs of `jaxpr` its outputs depend on. JAX's DCE looks inside nested
+    jaxprs: the transpose of a `jit` may take an input that it never reads."""
+    return list(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[1])
+
+
 def zeros_like_aval(aval: Any) -> Any:
     """Zeros of `aval`'s type: shape, dtype, weak type and, where the aval carries one
     (explicit mesh axes), its sharding."""

@@ -185,7 +185,7 @@ def make_plan(
 
 def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
     """ "offload" marks an eligible residual; the policy then picks among those."""
-    if policy == "none":
+    if policy == "none" or not r.read_in_backward:  # unread: nothing to move
         return "keep"
     if r.recomputable:
         return "recompute"

@@ -18,6 +18,7 @@ from ._compat import (
     scan_counts,
     source_line,
     sub_jaxprs,
+    used_inputs,
 )
 from ._trace import VjpProgram
 
@@ -79,6 +80,8 @@ class ResidualUsage:
     # Where the backward pass that reads it starts; None: at the record's boundary.
     # A train step that takes several gradients has one backward pass per gradient.
     backward_from: int | None = None
+    # False when the backward takes it but never reads it (see `_unread_in_backward`).
+    read_in_backward: bool = True
     decision: Decision = "keep"
     offload_by: int | None = None
     prefetch_at: int | None = None
@@ -209,6 +212,7 @@ def residual_usage(program: VjpProgram) -> Usage:
     records = with_slice_recipes(records, recipes, fwd.eqns, readers_of=lambda k: readers.get(
         bwd_res_invars[k], []), stacked=stacked, var_of=res_vars,
         input_index=input_index)  # fmt: skip
+    records = _unread_in_backward(records, recipes, used_inputs(bwd)[: program.num_residuals])
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -217,6 +221,27 @@ def residual_usage(program: VjpProgram) -> Usage:
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
     )
+
+
+def _unread_in_backward(
+    records: list[ResidualUsage], recipes: dict[int, Recipe], read: list[bool]
+) -> list[ResidualUsage]:
+    """Residuals the backward takes but never reads (a `jit`'s transpose can take all
+    of the `jit`'s residuals and use a few): XLA drops them, so moving one moves
+    nothing, and keeping one costs nothing after its forward uses. Unless a recipe
+    rebuilds another residual from it, it dies with its last forward use."""
+    anchors = {a for recipe in recipes.values() for a in recipe.residual_anchors}
+    out = []
+    for r, is_read in zip(records, read):
+        if not is_read:
+            recipes.pop(r.index, None)
+            end = r.last_forward_use if r.index not in anchors else r.last_backward_use
+            r = dataclasses.replace(
+                r, read_in_backward=False, recomputable=False, per_iteration=False,
+                first_backward_use=min(end, r.first_backward_use), last_backward_use=end,
+            )  # fmt: skip
+        out.append(r)
+    return out
 
 
 def with_slice_recipes(

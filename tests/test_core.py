@@ -403,6 +403,24 @@ def test_inputs_and_weight_slices_are_never_offloaded():
                    for r in report.residuals)  # fmt: skip
 
 
+def test_a_residual_the_backward_never_reads_is_not_moved():
+    # The transpose of `jnp.where`'s jit takes both of its outputs and reads neither
+    # float one: XLA drops the unread one, so a planned move of it would move nothing.
+    def loss(w, x):
+        s = x @ w
+        s = jnp.where(jnp.tril(jnp.ones(s.shape, bool)), s, -1e9)
+        return jnp.sum(jax.nn.softmax(s) ** 2)
+
+    w, x = jnp.full((64, 64), 0.01), jnp.ones((64, 64))
+    report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)  # warns of nothing
+    unread = [r for r in report.residuals if not r.read_in_backward]
+    assert unread and all(r.decision == "keep" and r.idle_span == 0 for r in unread)
+    assert "keep (unread)" in report.table()
+    assert any(r.decision == "offload" for r in report.residuals)
+    moved = hetjax.het_offload(loss, policy="all", min_bytes=0)
+    assert_trees_equal(jax.grad(moved)(w, x), jax.grad(loss)(w, x))
+
+
 def test_min_bytes_and_callable_policy():
     loss, (w, x) = MODELS["stacked_mlp"]()
     g = jax.grad(loss)(w, x)
