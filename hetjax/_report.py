@@ -105,7 +105,8 @@ class Report:
                 str(r.index), "x".join(map(str, r.shape)) or "()", r.dtype,
                 f"{r.nbytes / 2**20:.2f}", r.primitive, str(r.produced_at),
                 str(r.last_forward_use), str(r.first_backward_use),
-                r.decision + (" (input)" if r.is_input else "") + ("" if r.read_in_backward else " (unread)"), r.move,
+                r.decision + (" (input)" if r.is_input else "")
+                + ("" if r.read_in_backward else " (unread)"), r.move,
                 "" if r.offload_by is None else str(r.offload_by),
                 "" if r.prefetch_at is None else str(r.prefetch_at), r.source,
             ))  # fmt: skip
