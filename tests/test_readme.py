@@ -1,5 +1,7 @@
 """The README's Python examples run as written, in order."""
 
+import itertools
+import json
 import re
 from pathlib import Path
 
@@ -14,3 +16,26 @@ def test_readme_examples_run():
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["grads"].shape == namespace["w"].shape
     assert float(namespace["value"]) > 0
+
+
+def test_readme_results_table_is_the_committed_results():
+    """The table of compiled results is the committed JSON of jax 0.11.2, rounded."""
+    results = README.parent / "benchmarks" / "results" / "compiled"
+    lines = README.read_text().split("| variant | mlp | cnn | gpt | gpt_scan |\n")[1].splitlines()
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[1:])
+    rows = [line.strip("| ").split(" | ") for line in table]
+    models = ["mlp", "cnn", "gpt", "gpt_scan"]
+    runs = {}
+    for model in models:
+        report = json.loads((results / f"{model}_reference_h200_jax0.11.2.json").read_text())
+        runs[model] = {v["name"]: v for v in report["variants"]}
+    assert len(rows) >= 5
+    for name, *cells in rows:
+        for model, cell in zip(models, cells, strict=True):
+            v, plain = runs[model][name], runs[model]["plain"]
+            if name == "plain":
+                expected = f"{v['temp_bytes'] / 2**20:.0f} MiB, {v['predicted_step_ms']:.0f} ms"
+            else:
+                temp = v["temp_bytes"] / plain["temp_bytes"]
+                expected = f"{temp:.2f}, {v['predicted_step_ms'] / plain['predicted_step_ms']:.2f}"
+            assert cell == expected, (name, model)
