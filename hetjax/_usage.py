@@ -212,7 +212,9 @@ def residual_usage(program: VjpProgram) -> Usage:
     records = with_slice_recipes(records, recipes, fwd.eqns, readers_of=lambda k: readers.get(
         bwd_res_invars[k], []), stacked=stacked, var_of=res_vars,
         input_index=input_index)  # fmt: skip
-    records = _unread_in_backward(records, recipes, used_inputs(bwd)[: program.num_residuals])
+    records, recipes = _unread_in_backward(
+        records, recipes, used_inputs(bwd)[: program.num_residuals]
+    )
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -225,23 +227,23 @@ def residual_usage(program: VjpProgram) -> Usage:
 
 def _unread_in_backward(
     records: list[ResidualUsage], recipes: dict[int, Recipe], read: list[bool]
-) -> list[ResidualUsage]:
+) -> tuple[list[ResidualUsage], dict[int, Recipe]]:
     """Residuals the backward takes but never reads (a `jit`'s transpose can take all
     of the `jit`'s residuals and use a few): XLA drops them, so moving one moves
     nothing, and keeping one costs nothing after its forward uses. Unless a recipe
     rebuilds another residual from it, it dies with its last forward use."""
+    recipes = {k: recipe for k, recipe in recipes.items() if read[k]}
     anchors = {a for recipe in recipes.values() for a in recipe.residual_anchors}
     out = []
-    for r, is_read in zip(records, read):
+    for r, is_read in zip(records, read, strict=True):
         if not is_read:
-            recipes.pop(r.index, None)
             end = r.last_forward_use if r.index not in anchors else r.last_backward_use
             r = dataclasses.replace(
                 r, read_in_backward=False, recomputable=False, per_iteration=False,
                 first_backward_use=min(end, r.first_backward_use), last_backward_use=end,
             )  # fmt: skip
         out.append(r)
-    return out
+    return out, recipes
 
 
 def with_slice_recipes(

@@ -404,8 +404,8 @@ def test_inputs_and_weight_slices_are_never_offloaded():
 
 
 def test_a_residual_the_backward_never_reads_is_not_moved():
-    # The transpose of `jnp.where`'s jit takes both of its outputs and reads neither
-    # float one: XLA drops the unread one, so a planned move of it would move nothing.
+    # `jnp.where` runs as a jit whose linearization saves a float zeros array that
+    # its transpose takes but never reads: XLA drops it, so a move of it moves nothing.
     def loss(w, x):
         s = x @ w
         s = jnp.where(jnp.tril(jnp.ones(s.shape, bool)), s, -1e9)
