@@ -154,19 +154,18 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
     # Without a budget, "auto" takes the moves the cost model expects to hide, in its
     # order; a budget takes the greedy order that lowers the modelled peak fastest.
-    if policy == "auto" and budget is None:
+    speed_first = policy == "auto" and budget is None
+    if speed_first:
         order = hiding_order(usage, min_bytes, profile)
     else:
         order = budget_order(usage, min_bytes, profile)
-
-    speed_first = policy == "auto" and budget is None
 
     def prefix(k: int) -> Plan:
         chosen = set(order[:k])
         return make_plan(usage, lambda r: r.index in chosen, min_bytes=min_bytes,
                          profile=profile, speed_first=speed_first)  # fmt: skip
 
-    if policy == "auto" and budget is None and plain_ms is not None:
+    if speed_first and plain_ms is not None:
         limit = plain_ms * (1 + AUTO_SLOWDOWN)
         plan, planned = _fastest_saving(prefix, len(order), compiled, limit, (unchanged, plain))
         if plan is unchanged:

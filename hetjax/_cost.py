@@ -16,6 +16,9 @@ import numpy as np
 from ._compat import JaxprEqn, nbytes, shard_shape, sub_jaxprs
 
 GB = 1e9
+# Gradient accumulation: a parameter's cotangent is the sum of its uses' cotangents,
+# padded to its shape ("add_any" is `add_jaxvals_p`'s name).
+GRADIENT_SUM_PRIMITIVES = frozenset({"add_any", "pad"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +75,9 @@ def eqn_seconds(eqn: JaxprEqn, profile: DeviceProfile) -> float:
     name = str(eqn.primitive)
     moved = sum(nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars) if hasattr(v, "aval"))
     memory_time = moved / profile.memory_bytes_per_s
-    if name in ("pad", "add_any"):
-        # Gradient accumulation: XLA fuses a parameter's padded, summed cotangents into
-        # one kernel at the end, which reads each piece once (reference mlp, H200).
+    if name in GRADIENT_SUM_PRIMITIVES:
+        # XLA fuses a parameter's padded, summed cotangents into one kernel at the end,
+        # which reads each piece once (reference mlp, H200).
         smallest = min(nbytes(v.aval) for v in eqn.invars if hasattr(v, "aval"))
         return smallest / profile.memory_bytes_per_s
     if name == "dot_general":

@@ -40,6 +40,7 @@ from ._compat import (
     scan_counts,
     zeros_like_aval,
 )
+from ._cost import GRADIENT_SUM_PRIMITIVES
 from ._plan import Plan, arrival_positions
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
 
@@ -75,15 +76,12 @@ class StoredLayout:
         return cls(stored, tuple(inputs))
 
 
-# Gradient accumulation: a parameter's cotangent is the sum of its uses' cotangents,
-# padded to its shape. XLA fuses the whole chain into one kernel (reference mlp: one
-# 16-operand add); a barrier on a partial sum splits it into a full-size add per layer
-# (+4.4 ms and +128 MiB, compiled for the H200), so ties never anchor on these.
-ACCUMULATING = frozenset({"add_any", "add_jaxvals", "pad"})
-
-
 def accumulates(eqn: Any) -> bool:
-    return eqn.primitive.name in ACCUMULATING
+    """Whether `eqn` adds up a gradient (`_cost.GRADIENT_SUM_PRIMITIVES`). XLA fuses the
+    whole sum into one kernel (reference mlp: one 16-operand add); a barrier on a
+    partial sum splits it into a full-size add per layer (+4.4 ms and +128 MiB, compiled
+    for the H200), so ties never anchor on these."""
+    return eqn.primitive.name in GRADIENT_SUM_PRIMITIVES
 
 
 def gradient_sums(jaxpr: Any) -> set[Var]:
