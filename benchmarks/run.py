@@ -33,7 +33,8 @@ for the whole process. The worker records, in this order:
   7. the step time `hetjax.simulate_step` predicts from the compiled schedule
      (`predicted_step_ms`, with its compute, exposed link and link-busy ms): in
      compiled mode always, in run mode on a GPU beside the measured `step_ms`. It is a
-     prediction, labelled so in every table.
+     prediction, labelled so in every table. Beside it, counted from the same compiled
+     program: `matmul_flops` (recomputation shows here) and `d2h_bytes` / `h2d_bytes`.
 
 In run mode the default preset is `tiny` on CPU and `reference` elsewhere. On CPU every
 memory kind is the same memory, so figures run there check plumbing and numerics, never
