@@ -175,19 +175,24 @@ def hetjax_with(policy: str) -> Builder:
     return build
 
 
-def hetjax_budget(fraction: float) -> Builder:
-    """`policy="auto"` with a device budget of `fraction` x plain's peak.
+def hetjax_budget(fraction: float, of: str = "plain") -> Builder:
+    """`policy="auto"` with a device budget of `fraction` x the peak of plain (`of="plain"`)
+    or of per-layer `jax.checkpoint` with `nothing_saveable` (`of="remat"`).
 
     Where there is a compiler to check against (a target, or a GPU), the budget is in
-    compiled bytes: `fraction` x the compiled peak of the loss's gradient computation
-    without hetjax, and the planner checks its plan against that compiler. Elsewhere it
-    is `fraction` x the planner's predicted plain peak (a model).
+    compiled bytes: `fraction` x the compiled peak of that loss's gradient computation,
+    and the planner checks its plan against that compiler. Elsewhere it is `fraction` x
+    the planner's predicted peak of that loss (a model).
     """
 
     def build(model: Model, target: str | None = None) -> Candidates:
         min_bytes = TINY_MIN_BYTES if model.preset == "tiny" else DEFAULT_MIN_BYTES
         params, batch = jax.eval_shape(model.init)
-        plain = hetjax.analyze(model.loss, params, batch, policy="none", target=target)
+        if of == "remat":
+            (reference,) = remat_with("nothing_saveable")(model).values()
+        else:
+            reference = model.loss
+        plain = hetjax.analyze(reference, params, batch, policy="none", target=target)
         if plain.compiled is not None:
             budget, unit = fraction * plain.compiled.plain.peak_bytes, "compiled"
         else:
@@ -195,7 +200,8 @@ def hetjax_budget(fraction: float) -> Builder:
         loss = hetjax.het_offload(
             model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes, target=target
         )
-        return {f"het_offload(policy='auto', device_budget={budget:.0f} B {unit})": loss}
+        budget_of = "" if of == "plain" else f", {fraction:g} x {of}'s peak"
+        return {f"het_offload(policy='auto', device_budget={budget:.0f} B {unit}{budget_of})": loss}
 
     return build
 
@@ -212,6 +218,8 @@ VARIANTS: dict[str, Builder] = {
     # budgets, and each remat policy on its own.
     "hetjax_auto@0.4": hetjax_budget(0.4),
     "hetjax_auto@0.2": hetjax_budget(0.2),
+    # Memory-first: the budget is per-layer remat's compiled peak.
+    "hetjax_auto@remat": hetjax_budget(1.0, of="remat"),
     "jax_remat_nothing": remat_with("nothing_saveable"),
     "jax_remat_dots": remat_with("dots_saveable"),
 }

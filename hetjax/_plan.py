@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ._cost import DeviceProfile, eqn_seconds
+from ._cost import DeviceProfile, eqn_seconds, jaxpr_seconds
 from ._memory import plan_timeline
-from ._usage import ResidualUsage, Usage
+from ._usage import Decision, ResidualUsage, Usage
 
 Policy = str | Callable[[ResidualUsage], bool]
 POLICIES = ("auto", "all", "none")
@@ -42,6 +42,9 @@ PIN_SLACK = 1.3
 # (the memory-first window) stalled the reference mlp's forward 1.1 ms per copy where
 # two hide; but two cost `policy="all"` 320 MiB more there (H200 compiles).
 IN_FLIGHT_FOR_SPEED = 2
+# A chain may rebuild from the value of another chain, and no further: a layer's q and k
+# from its normalized input, then its attention probabilities from q and k.
+MAX_CHAIN_DEPTH = 2
 
 
 class HetjaxWarning(UserWarning):
@@ -105,6 +108,8 @@ class Plan:
     # The step time predicted from each compiled schedule (`_simulate`), where known.
     predicted_plain_step_ms: float | None = None
     predicted_step_ms: float | None = None
+    # The cost model's time for the chains the plan recomputes (`Usage.chains`).
+    recompute_s: float = 0.0
 
     @property
     def offloaded(self) -> tuple[ResidualUsage, ...]:
@@ -151,46 +156,62 @@ def make_plan(
     device_budget: float | None = None,
     profile: DeviceProfile | None = None,
     speed_first: bool | None = None,
+    choices: Mapping[int, Decision] | None = None,
 ) -> Plan:
     """Decide, for each residual of `usage`, whether to keep, offload or recompute it.
-    `speed_first` (default: `"auto"` without a budget) pins for time over memory."""
+    `speed_first` (default: `"auto"` without a budget) pins for time over memory.
+    `choices` (a prefix of `budget_order`) overrides the policy's own."""
     check_options(policy, min_bytes, device_budget)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
     if speed_first is None:
         speed_first = policy == "auto" and device_budget is None
     profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile, speed_first)
-    if policy == "all":
-        moved = {r.index for r in eligible}
+    offload = "offload"
+    if choices is not None:
+        chosen = dict(choices)
+    elif policy == "all":
+        chosen = {r.index: offload for r in eligible}
     elif callable(policy):
-        moved = {r.index for r in eligible if policy(r)}
+        chosen = {r.index: offload for r in eligible if policy(r)}
     elif device_budget is not None:
-        moved = _meet_budget(eligible, device_budget, evaluate)
+        chosen = dict(_greedy_choices(usage, eligible, device_budget, evaluate, profile))
     else:
-        moved = _no_slowdown(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
-    records, predicted, exposed = evaluate(moved)
+        hiding = _no_slowdown(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
+        chosen = dict.fromkeys(hiding, offload)
+    records, predicted, exposed = evaluate(chosen)
     baseline = plan_timeline(usage, [dataclasses.replace(r, decision="keep") for r in records])
+    rebuilt = [k for k, d in chosen.items() if d == "recompute"]
     plan = Plan(
         records, profile, policy_name, device_budget, tuple(float(t) for t in clock),
         usage.boundary, baseline, predicted, exposed, speed_first=speed_first,
+        recompute_s=sum(chain_seconds(usage, k, profile) for k in rebuilt),
     )  # fmt: skip
     if not plan.feasible:
         short = plan.predicted_peak_bytes - device_budget
         warn_once(
             f"hetjax: device_budget={device_budget:,.0f} bytes cannot be met: the predicted "
             f"peak is {plan.predicted_peak_bytes:,} bytes, {short:,.0f} over, with every "
-            "residual that helps moved to host."
+            "residual that helps moved to host or recomputed."
         )
     return plan
 
 
-def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
-    """ "offload" marks an eligible residual; the policy then picks among those."""
+def chain_seconds(usage: Usage, k: int, profile: DeviceProfile) -> float:
+    """The cost model's time to run residual `k`'s chain (`Usage.chains`) again."""
+    return jaxpr_seconds([usage.eqns[e] for e in usage.chains[k].eqns], profile)
+
+
+def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int, rebuild: bool) -> str:
+    """ "offload" marks an eligible residual; the policy then picks among those. With
+    `rebuild`, a residual with a chain is eligible too, moved or not."""
     if policy == "none" or not r.read_in_backward:  # unread: nothing to move
         return "keep"
     if r.recomputable:
         return "recompute"
     if r.is_input or r.nbytes < min_bytes or r.nbytes == 0:
         return "keep"
+    if rebuild:
+        return "offload"
     if not r.offloadable:
         if r.memory == "device":
             warn_once(
@@ -201,19 +222,17 @@ def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int) -> str:
     return "offload"
 
 
-Evaluate = Callable[[set[int]], tuple[tuple[ResidualUsage, ...], np.ndarray, float]]
+Evaluate = Callable[[Mapping[int, Decision]], tuple[tuple[ResidualUsage, ...], np.ndarray, float]]
 
 
-def _meet_budget(eligible: list[ResidualUsage], budget: float, evaluate: Evaluate) -> set[int]:
-    """Move, at the predicted peak, the biggest residual idle there, until it fits."""
-    return set(_greedy_moves(eligible, budget, evaluate))
-
-
-def budget_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = None) -> list[int]:
-    """The residuals the budget mode moves, in the order it moves them, down to the
-    smallest peak the model can reach: a smaller budget moves a longer prefix of it."""
-    _, _, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
-    return _greedy_moves(eligible, -np.inf, evaluate)
+def budget_order(
+    usage: Usage, min_bytes: int, profile: DeviceProfile | None = None
+) -> list[tuple[int, Decision]]:
+    """The budget mode's choices (a residual and "offload" or "recompute"), in the order
+    it takes them, down to the smallest peak the model can reach: a smaller budget takes
+    a longer prefix of it."""
+    profile, _, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
+    return _greedy_choices(usage, eligible, -np.inf, evaluate, profile)
 
 
 def _choices(
@@ -223,18 +242,23 @@ def _choices(
     profile: DeviceProfile | None,
     speed_first: bool = False,
 ) -> tuple[DeviceProfile, np.ndarray, list[ResidualUsage], Evaluate]:
-    """The profile, the clock, the residuals a policy may move, and how a set of moves
-    evaluates: `(records, predicted memory, exposed seconds)`."""
+    """The profile, the clock, the residuals a policy may move (or, with a budget,
+    recompute by a chain), and how a set of choices evaluates: `(records, predicted
+    memory, exposed seconds)`."""
     in_flight = IN_FLIGHT_FOR_SPEED if speed_first else 1
     profile = profile or DeviceProfile.for_platform("gpu")
     clock = program_timeline(usage, profile)
-    first = {r.index: _first_decision(r, policy, min_bytes) for r in usage.residuals}
+    rebuild = policy == "auto" and not speed_first
+    first = {r.index: _first_decision(r, policy, min_bytes, r.index in usage.chains and rebuild)
+             for r in usage.residuals}  # fmt: skip
     eligible = [r for r in usage.residuals if first[r.index] == "offload"]
     base = {k: ("keep" if d == "offload" else d) for k, d in first.items()}
 
-    def evaluate(moved: set[int]) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
-        decided = {k: ("offload" if k in moved else d) for k, d in base.items()}
-        if not moved:
+    def evaluate(
+        chosen: Mapping[int, Decision],
+    ) -> tuple[tuple[ResidualUsage, ...], np.ndarray, float]:
+        decided = {k: chosen.get(k, d) for k, d in base.items()}
+        if not chosen:
             # Recomputing alone saves nothing XLA does not save itself: compiled for the
             # H200 it cost up to 56% more temp (reference cnn). Without a move, keep.
             decided = {k: ("keep" if d == "recompute" else d) for k, d in decided.items()}
@@ -244,22 +268,58 @@ def _choices(
     return profile, clock, eligible, evaluate
 
 
-def _greedy_moves(eligible: list[ResidualUsage], budget: float, evaluate: Evaluate) -> list[int]:
-    """`_meet_budget`'s choices, in order."""
-    moved: list[int] = []
+def _greedy_choices(
+    usage: Usage,
+    eligible: list[ResidualUsage],
+    budget: float,
+    evaluate: Evaluate,
+    profile: DeviceProfile,
+) -> list[tuple[int, Decision]]:
+    """Until the predicted peak is at most `budget`: free the biggest residual idle at
+    the peak. Recompute it by its chain where that takes less time than its two copies
+    over the link (the link is shared by every move, hidden or not), else move it."""
+    chosen: dict[int, Decision] = {}
     while True:
-        _, memory, _ = evaluate(set(moved))
+        _, memory, _ = evaluate(chosen)
         if memory.max() <= budget:
-            return moved
+            return list(chosen.items())
         peak = int(np.argmax(memory)) - 1  # index 0 is position -1
         idle = [
             r for r in eligible
-            if r.index not in moved and r.last_forward_use < peak < r.first_backward_use
+            if r.index not in chosen and r.last_forward_use < peak < r.first_backward_use
+            and (r.offloadable or _chain_allowed(usage, r.index, chosen))
         ]  # fmt: skip
         if not idle:
-            return moved
+            return list(chosen.items())
         best = max(idle, key=lambda r: (r.nbytes, r.idle_span, -r.index))
-        moved.append(best.index)
+        link_s = profile.d2h_seconds(best.nbytes) + profile.h2d_seconds(best.nbytes)
+        rebuild = _chain_allowed(usage, best.index, chosen) and (
+            not best.offloadable or chain_seconds(usage, best.index, profile) < link_s
+        )
+        chosen[best.index] = "recompute" if rebuild else "offload"
+
+
+def _chain_allowed(usage: Usage, k: int, chosen: Mapping[int, Decision]) -> bool:
+    """Whether residual `k` may be rebuilt by its chain, given the choices so far: no
+    value may then rest on more than `MAX_CHAIN_DEPTH` chains, one rebuilt from another's
+    value (the backward would redo the forward from further back, all at once)."""
+    if k not in usage.chains:
+        return False
+    tentative = {**chosen, k: "recompute"}
+    depth: dict[int, int] = {}
+
+    def of(j: int) -> int:
+        if j not in depth:
+            rebuilt = tentative.get(j) == "recompute" or j in usage.recipes
+            recipe = usage.recipe_of(j) if rebuilt else None
+            depth[j] = (
+                0
+                if recipe is None
+                else recipe.chain + max((of(a) for a in recipe.residual_anchors), default=0)
+            )
+        return depth[j]
+
+    return all(of(j) <= MAX_CHAIN_DEPTH for j, d in tentative.items() if d == "recompute")
 
 
 def _no_slowdown(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> set[int]:
@@ -271,7 +331,7 @@ def _hiding_moves(eligible: list[ResidualUsage], allowed_s: float, evaluate: Eva
     """`_no_slowdown`'s choices, in the order it takes them."""
     moved: list[int] = []
     for r in sorted(eligible, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
-        if evaluate({*moved, r.index})[2] <= allowed_s:
+        if evaluate(dict.fromkeys([*moved, r.index], "offload"))[2] <= allowed_s:
             moved.append(r.index)
     return moved
 
@@ -290,9 +350,8 @@ def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usag
 
     def visit(k: int, at: int) -> None:
         need[k] = min(need[k], at)
-        recipe = usage.recipes.get(k)
-        if decided[k] == "recompute" and recipe is not None:
-            for a in recipe.residual_anchors:
+        if decided[k] == "recompute" and (k in usage.recipes or k in usage.chains):
+            for a in usage.recipe_of(k).residual_anchors:
                 visit(a, at)
 
     for k, d in decided.items():

@@ -71,7 +71,7 @@ class StoredLayout:
         stored = tuple(r.index for r in plan.residuals if r.decision != "recompute")
         inputs = sorted(
             {i for r in plan.residuals if r.decision == "recompute"
-             for i in usage.recipes[r.index].input_anchors}
+             for i in usage.recipe_of(r.index).input_anchors}
         )  # fmt: skip
         return cls(stored, tuple(inputs))
 
@@ -297,7 +297,7 @@ def run_backward(
         if k not in value:
             fetch(k)
         if k not in value:  # recompute from inputs and other residuals
-            recipe = usage.recipes[k]
+            recipe = usage.recipe_of(k)
             fwd = program.forward.jaxpr
             anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
             anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
@@ -368,9 +368,10 @@ def is_forced(recipe: Recipe, eqns: Sequence[Any], decision: dict[int, str]) -> 
     instead of 6.9). A recomputation from residuals kept on device is left to XLA, which
     fuses it into its readers or keeps the forward's value, as without hetjax: tied, it
     forces its anchors to be materialized across the barrier (2.2 GiB of f32 anchors on
-    the reference cnn).
+    the reference cnn). And a chain (`_usage.chain_for`): untied, XLA merges the
+    backward's matmuls with the forward's and keeps their outputs, as if stored.
     """
-    if any(decision[a] == "offload" for a in recipe.residual_anchors):
+    if recipe.chain or any(decision[a] == "offload" for a in recipe.residual_anchors):
         return True
     if recipe.input_anchors and not recipe.residual_anchors:
         return True

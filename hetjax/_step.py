@@ -44,6 +44,7 @@ from ._trace import inline_calls
 from ._usage import (
     Recipe,
     Usage,
+    chains_of,
     def_use,
     eqns_reading,
     moves_per_iteration,
@@ -152,6 +153,7 @@ def step_usage(program: StepProgram) -> Usage:
         eqns=tuple(jaxpr.eqns),
         boundary=boundary,
         buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
+        chains=chains_of(records, jaxpr, producer, input_index, residual_vars),
     )
 
 
@@ -212,7 +214,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         if k in rebuilt:
             return
         rebuilt.add(k)
-        recipe = usage.recipes[k]
+        recipe = usage.recipe_of(k)
         for a in recipe.residual_anchors:
             if plan.residuals[a].decision == "recompute":
                 recompute(a)

@@ -42,6 +42,18 @@ CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES | VERSION_ELEMENTWIS
 # recomputed, which would add a collective to the backward.
 LAYOUT_PRIMITIVES = frozenset({"reshard", "sharding_constraint", "mesh_cast"})
 MAX_RECOMPUTE_EQNS = 8
+# A chain is forward work the backward may redo from stored values, matmuls and
+# reductions included: `jax.checkpoint`'s recomputation, chosen per residual by the
+# planner at a cost (#13). Not through loops (their bodies are rebuilt slice by slice
+# instead), collectives, layout changes (a collective in the backward), or host moves.
+MAX_CHAIN_EQNS = 32
+NOT_IN_CHAINS = (
+    frozenset(
+        """scan while cond device_put psum pmax pmin ppermute all_gather all_to_all
+    reduce_scatter psum_scatter axis_index pbroadcast psum_invariant""".split()
+    )
+    | LAYOUT_PRIMITIVES
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +136,7 @@ class Recipe:
     # the backward scan is given as an extra operand) its body variable.
     slices: tuple[tuple[Var, int], ...] = ()
     input_slices: tuple[Var, ...] = ()
+    chain: bool = False  # made by `chain_for`: costlier work than views and elementwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +156,13 @@ class Usage:
     # Device buffers other than residuals, as (nbytes, first, last) positions:
     # arguments, intermediates, gradients. Residuals' intervals follow their plan.
     buffers: tuple[tuple[int, int, int], ...] = ()
+    # Costlier recipes (`chain_for`) of residuals with no cheap one: the planner may
+    # recompute one of these instead of moving it, at the chain's cost.
+    chains: dict[int, Recipe] = dataclasses.field(default_factory=dict)
+
+    def recipe_of(self, k: int) -> Recipe:
+        """How residual `k` is rebuilt when the plan recomputes it."""
+        return self.recipes[k] if k in self.recipes else self.chains[k]
 
 
 def residual_usage(program: VjpProgram) -> Usage:
@@ -222,7 +242,31 @@ def residual_usage(program: VjpProgram) -> Usage:
         eqns=(*fwd.eqns, *bwd.eqns),
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
+        chains=chains_of(records, fwd, producer, input_index, res_vars),
     )
+
+
+def chains_of(
+    records: list[ResidualUsage], jaxpr: Any, producer: dict, input_index: dict, var_of: Any
+) -> dict[int, Recipe]:
+    """The chain recipes (`chain_for`) of the residuals with nothing cheaper: read in the
+    backward, moved whole, neither inputs nor rebuilt cheaply. A chain stops at the
+    residuals the backward reads (stored, or rebuilt cheaply) and at inputs."""
+    stops: dict[Var, int] = {}
+    for r in records:
+        if r.read_in_backward and isinstance(var_of[r.index], Var):
+            stops.setdefault(var_of[r.index], r.index)
+    chains = {}
+    for r in records:
+        v = var_of[r.index]
+        if (
+            r.read_in_backward and not r.recomputable and not r.is_input
+            and not r.per_iteration and r.produced_at >= 0 and stops.get(v) == r.index
+        ):  # fmt: skip
+            chain = chain_for(jaxpr, v, producer, input_index, stops)
+            if chain is not None:
+                chains[r.index] = chain
+    return chains
 
 
 def _unread_in_backward(
@@ -495,6 +539,42 @@ def recipe_for(
     fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
 ) -> Recipe | None:
     """The cheap forward equations that rebuild `target` from inputs and residuals."""
+    return _rebuild(fwd, target, producer, input_index, residual_of, _cheap, MAX_RECOMPUTE_EQNS)
+
+
+def chain_for(
+    fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
+) -> Recipe | None:
+    """The forward equations, of any cost, that rebuild `target` from inputs and
+    residuals: at most `MAX_CHAIN_EQNS`, none of `NOT_IN_CHAINS` (at any depth)."""
+    chain = _rebuild(fwd, target, producer, input_index, residual_of, _chainable, MAX_CHAIN_EQNS)
+    return None if chain is None else dataclasses.replace(chain, chain=True)
+
+
+def _cheap(eqn: Any) -> bool:
+    """A view or elementwise op, or a constant made from literals alone (such as the
+    `reshard 1.0` of explicit sharding)."""
+    constant = not any(isinstance(x, Var) for x in eqn.invars) and not sub_jaxprs(eqn)
+    return (str(eqn.primitive) in CHEAP_PRIMITIVES or constant) and not eqn.effects
+
+
+def _chainable(eqn: Any) -> bool:
+    if eqn.effects or str(eqn.primitive) in NOT_IN_CHAINS:
+        return False
+    if any(on_host(v.aval) for v in eqn.outvars):
+        return False
+    return all(_chainable(e) for j in sub_jaxprs(eqn) for e in j.eqns)
+
+
+def _rebuild(
+    fwd: Any,
+    target: Var,
+    producer: dict,
+    input_index: dict,
+    residual_of: dict,
+    allowed: Any,
+    max_eqns: int,
+) -> Recipe | None:
     eqns: set[int] = set()
     inputs: set[int] = set()
     residuals: set[int] = set()
@@ -514,13 +594,10 @@ def recipe_for(
         if p in eqns:
             continue
         eqn = fwd.eqns[p]
-        # Cheap: a view or elementwise op, or a constant made from literals alone
-        # (such as the `reshard 1.0` of explicit sharding).
-        constant = not any(isinstance(x, Var) for x in eqn.invars) and not sub_jaxprs(eqn)
-        if (str(eqn.primitive) not in CHEAP_PRIMITIVES and not constant) or eqn.effects:
+        if not allowed(eqn):
             return None
         eqns.add(p)
-        if len(eqns) > MAX_RECOMPUTE_EQNS:
+        if len(eqns) > max_eqns:
             return None
         stack.extend(x for x in eqn.invars if isinstance(x, Var))
     return Recipe(tuple(sorted(eqns)), tuple(sorted(inputs)), tuple(sorted(residuals)))

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -346,6 +347,21 @@ def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
     assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 101)) == (7, 50)
     assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 45)) == (-1, 45)
     assert _bisect(lambda k: k, 7, lambda k: peaks[k] + 60, 100, (-1, 101)) == (-1, 101)
+    # The peak rises again at the end of the order: halve down to its low, bisect below.
+    rising = [100, 95, 90, 80, 70, 60, 65, 75, 85]  # by prefix length 0..8
+    asked.clear()
+    assert _bisect(lambda k: k, 8, peak_of(rising, asked), 72, (-1, 101)) == (4, 70)
+    assert 8 in asked and 4 in asked and len(asked) <= 6
+    # Out of reach: the lowest peak seen along the halving.
+    assert _bisect(lambda k: k, 8, lambda k: rising[k], 50, (-1, 101)) == (4, 70)
+
+
+def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], int]:
+    def peak(k: int) -> int:
+        asked.append(k)
+        return peaks[k]
+
+    return peak
 
 
 def test_policy_all_never_compiles_above_plain_either() -> None:
@@ -391,3 +407,29 @@ def test_the_planned_moves_are_the_compiled_copies(name: str, form: str) -> None
         assert 0 < moved.d2h_bytes <= planned
     else:
         assert moved.d2h_bytes == planned
+
+
+def attention_layers(ws: list, x: jax.Array) -> jax.Array:
+    """Single-head self-attention layers in f32: the probabilities (batch x t x t) are
+    the biggest residual, rebuilt from q and k by one matmul and a softmax."""
+    for w in ws:
+        q, k, v = jnp.split(x @ w, 3, axis=-1)
+        probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+        x = x + jnp.einsum("bts,bsd->btd", probs, v)
+    return jnp.sum(x**2)
+
+
+def test_a_budget_recomputes_attention_instead_of_moving_it() -> None:
+    ws, x = [spec((64, 192), jnp.float32)] * 4, spec((4, 1024, 64), jnp.float32)
+    plain = hetjax.analyze(attention_layers, ws, x, policy="none", target="h200").compiled
+    budget = 0.6 * plain.plain.peak_bytes
+    report = hetjax.analyze(attention_layers, ws, x, device_budget=budget, target="h200")
+    rebuilt = [r for r in report.residuals if r.decision == "recompute" and r.primitive == "exp"]
+    # Three of the four layers' exp(scores - max) are rebuilt by a chain with a matmul (the
+    # last layer's is read as soon as the backward starts: never idle at the peak).
+    assert len(rebuilt) == 3 and report.plan.recompute_s > 0
+    compiled = report.compiled
+    assert report.feasible and compiled.planned.peak_bytes <= budget
+    # Met without the link: nothing moves, and the recomputed products show in the flops.
+    assert report.moved_bytes == 0 and compiled.planned_step.d2h_bytes == 0
+    assert compiled.planned_step.matmul_flops > compiled.plain_step.matmul_flops
