@@ -3,19 +3,20 @@
 The planner's memory figures are a model; XLA's fusion and buffer reuse decide the real
 ones. This stage compiles the gradient computation without and with a plan, for a GPU
 target or the local GPU, and keeps only plans the compiler confirms:
-- `policy="auto"` without a budget moves what does not slow the step: along the
-  order in which the cost model expects moves to hide (`_plan.hiding_order`), the
-  longest prefix whose predicted step time
-  (`_simulate`, from the compiled schedule) is within `AUTO_SLOWDOWN` of plain's, and,
-  among the prefixes compiled on the way there, the one with the lowest compiled peak
-  below plain's. Where none saves memory, it moves nothing and says why, once.
+- `policy="auto"` without a budget moves (or recomputes) what does not slow the step:
+  along the order in which the cost model expects moves to hide, then chains to
+  rebuild, cheapest per byte first (`_plan.hiding_order`), the longest prefix whose
+  predicted step time (`_simulate`, from the compiled schedule) is within
+  `AUTO_SLOWDOWN` of plain's, and, among the prefixes compiled on the way there, the
+  one with the lowest compiled peak below plain's. Where none saves memory, it moves
+  nothing and says why, once.
 - `policy="all"` never returns a plan whose compiled peak exceeds plain's: it moves
   nothing instead, and says why, once (a callable policy is the user's own choice,
   and is not checked);
 - with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
-  gradient computation). The planner's greedy order of moves is searched by bisection
-  for the shortest prefix that compiles to at most B. Its choices recompute some
-  residuals (chains of forward work) where that frees bytes more cheaply than moving.
+  gradient computation). The planner's greedy order of choices (moves, and chains
+  recomputed where that is cheaper than moving) is searched by bisection for the
+  shortest prefix that compiles to at most B (see `_bisect`).
 
 Compiled peaks are cached by the program, its input shapes, the plan's decisions and
 the target: a program traced again does not compile again.
@@ -153,26 +154,34 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
     plain, plain_ms = compiled(None)
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
-    # Without a budget, "auto" takes the moves the cost model expects to hide, in its
-    # order; a budget takes the greedy order that lowers the modelled peak fastest.
+    # Without a budget, "auto" takes the moves the cost model expects to hide, then
+    # chains, in its order (or, where no prefix of that helps, the chains alone); a
+    # budget takes the greedy order that lowers the modelled peak fastest.
     speed_first = policy == "auto" and budget is None
     if speed_first:
-        order = [(k, "offload") for k in hiding_order(usage, min_bytes, profile)]
+        with_moves, chains_alone = hiding_order(usage, min_bytes, profile)
+        orders = [with_moves, chains_alone] if with_moves != chains_alone else [with_moves]
     else:
-        order = budget_order(usage, min_bytes, profile)
+        orders = [budget_order(usage, min_bytes, profile)]
 
-    def prefix(k: int) -> Plan:
-        return make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
-                         speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
+    def prefix_of(order: list) -> Callable[[int], Plan]:
+        return lambda k: make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
+                                   speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
 
+    prefix = prefix_of(orders[0])
     if speed_first and plain_ms is not None:
         limit = plain_ms * (1 + AUTO_SLOWDOWN)
-        plan, planned = _fastest_saving(prefix, len(order), compiled, limit, (unchanged, plain))
+        for order in orders:
+            plan, planned = _fastest_saving(
+                prefix_of(order), len(order), compiled, limit, (unchanged, plain)
+            )
+            if plan is not unchanged:
+                break
         if plan is unchanged:
             warn_once(
                 f"hetjax: policy='auto' moves nothing here: no plan along its order of moves "
-                f"compiles below the {plain:,} bytes peak without it, for {where}, with a "
-                f"predicted step time within {AUTO_SLOWDOWN:.0%} of plain's "
+                f"and recomputations compiles below the {plain:,} bytes peak without it, for "
+                f"{where}, with a predicted step time within {AUTO_SLOWDOWN:.0%} of plain's "
                 f"({plain_ms:.1f} ms). A device_budget trades time for memory."
             )
     elif budget is None or policy == "all":
@@ -185,7 +194,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             )
             plan, planned = unchanged, plain
     else:
-        plan, planned = _bisect(prefix, len(order), peak, budget, (unchanged, plain))
+        plan, planned = _bisect(prefix, len(orders[0]), peak, budget, (unchanged, plain))
         if planned > budget:
             warn_once(
                 f"hetjax: device_budget={budget:,.0f} bytes cannot be met for {where}: the "

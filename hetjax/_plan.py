@@ -6,15 +6,21 @@ offloaded residual, `offload_by` is the forward position whose equation waits fo
 the copy to host (the forward pin), and `prefetch_at` the backward position at
 which the copy back to device starts (the backward pin).
 
-`policy="auto"` has two modes:
-- with `device_budget=B`: greedily move, at the current predicted peak, the largest
-  residual that is idle there, until the peak is at most B. The order of choices does
-  not depend on B, so a smaller budget never moves fewer bytes.
+Residuals with a cheap recipe (views, elementwise) are recomputed whenever anything
+moves. `policy="auto"` may also recompute a residual by its chain (`Usage.chains`:
+forward work with matmuls and reductions, from stored values), at the chain's cost in
+the cost model. It has two modes:
+- with `device_budget=B`: greedily free, at the current predicted peak, the largest
+  residual that is idle there (recomputed by its chain where that takes less time than
+  its two copies over the link, else moved), until the peak is at most B. The order of
+  choices does not depend on B, so a smaller budget never frees fewer bytes.
 - with no budget (no-slowdown): move the residuals, biggest idle bytes first, whose
-  copies the cost model says hide under compute (exposed time under 1% of the step).
+  copies the cost model says hide under compute, then rebuild by chains, cheapest per
+  byte first, within the same allowance (1% of the step).
+`policy="all"` and a callable policy move; they rebuild no chain.
 
 This stage rests on the memory model alone; `_check` holds its plans against a compiler
-where there is one (`budget_order` is the greedy order it searches).
+where there is one (`budget_order` and `hiding_order` are the orders it searches).
 """
 
 from __future__ import annotations
@@ -176,8 +182,8 @@ def make_plan(
     elif device_budget is not None:
         chosen = dict(_greedy_choices(usage, eligible, device_budget, evaluate, profile))
     else:
-        hiding = _no_slowdown(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
-        chosen = dict.fromkeys(hiding, offload)
+        allowed = clock[-1] * NO_SLOWDOWN_FRACTION
+        chosen = dict(_no_slowdown(usage, eligible, allowed, evaluate, profile))
     records, predicted, exposed = evaluate(chosen)
     baseline = plan_timeline(usage, [dataclasses.replace(r, decision="keep") for r in records])
     rebuilt = [k for k, d in chosen.items() if d == "recompute"]
@@ -197,8 +203,16 @@ def make_plan(
 
 
 def chain_seconds(usage: Usage, k: int, profile: DeviceProfile) -> float:
-    """The cost model's time to run residual `k`'s chain (`Usage.chains`) again."""
-    return jaxpr_seconds([usage.eqns[e] for e in usage.chains[k].eqns], profile)
+    """The cost model's time to run residual `k`'s chain (`Usage.chains`) again: for a
+    residual rebuilt one scan iteration at a time, its equations of the forward scan's
+    body, once per iteration."""
+    chain = usage.chains[k]
+    r = usage.residuals[k]
+    if not r.per_iteration:
+        return jaxpr_seconds([usage.eqns[e] for e in chain.eqns], profile)
+    scan = usage.eqns[r.produced_at]
+    body = scan.params["jaxpr"].jaxpr.eqns
+    return scan.params["length"] * jaxpr_seconds([body[e] for e in chain.eqns], profile)
 
 
 def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int, rebuild: bool) -> str:
@@ -248,7 +262,7 @@ def _choices(
     in_flight = IN_FLIGHT_FOR_SPEED if speed_first else 1
     profile = profile or DeviceProfile.for_platform("gpu")
     clock = program_timeline(usage, profile)
-    rebuild = policy == "auto" and not speed_first
+    rebuild = policy == "auto"
     first = {r.index: _first_decision(r, policy, min_bytes, r.index in usage.chains and rebuild)
              for r in usage.residuals}  # fmt: skip
     eligible = [r for r in usage.residuals if first[r.index] == "offload"]
@@ -322,26 +336,60 @@ def _chain_allowed(usage: Usage, k: int, chosen: Mapping[int, Decision]) -> bool
     return all(of(j) <= MAX_CHAIN_DEPTH for j, d in tentative.items() if d == "recompute")
 
 
-def _no_slowdown(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> set[int]:
-    """Move what hides under compute: biggest idle bytes first, while exposure is ~0."""
-    return set(_hiding_moves(eligible, allowed_s, evaluate))
+def _no_slowdown(
+    usage: Usage,
+    eligible: list[ResidualUsage],
+    allowed_s: float,
+    evaluate: Evaluate,
+    profile: DeviceProfile,
+) -> list[tuple[int, Decision]]:
+    """Move what hides under compute: biggest idle bytes first, while exposure is ~0.
+    Then rebuild by chains, cheapest per byte first, within what is left of `allowed_s`."""
+    return _hiding_choices(usage, eligible, allowed_s, evaluate, profile, allowed_s)
 
 
-def _hiding_moves(eligible: list[ResidualUsage], allowed_s: float, evaluate: Evaluate) -> list[int]:
-    """`_no_slowdown`'s choices, in the order it takes them."""
+def _hiding_choices(
+    usage: Usage,
+    eligible: list[ResidualUsage],
+    allowed_s: float,
+    evaluate: Evaluate,
+    profile: DeviceProfile,
+    chain_allowance_s: float,
+) -> list[tuple[int, Decision]]:
+    """`_no_slowdown`'s choices, in the order it takes them: the chains it takes cost at
+    most `chain_allowance_s` with the exposed link time."""
     moved: list[int] = []
-    for r in sorted(eligible, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
+    movable = [r for r in eligible if r.offloadable]
+    for r in sorted(movable, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
         if evaluate(dict.fromkeys([*moved, r.index], "offload"))[2] <= allowed_s:
             moved.append(r.index)
-    return moved
+    chosen: dict[int, Decision] = dict.fromkeys(moved, "offload")
+    spent = evaluate(chosen)[2] if moved else 0.0
+    cost = {r.index: chain_seconds(usage, r.index, profile)
+            for r in eligible if r.index in usage.chains and r.index not in chosen}  # fmt: skip
+    # Cheapest per byte and position freed: a residual read as soon as the backward
+    # starts (the logits) frees nothing when rebuilt.
+    freed = {r.index: r.nbytes * max(r.idle_span, 0) for r in eligible if r.index in cost}
+    for k in sorted(cost, key=lambda k: (cost[k] / freed[k] if freed[k] else np.inf, k)):
+        if spent + cost[k] <= chain_allowance_s and _chain_allowed(usage, k, chosen):
+            chosen[k] = "recompute"
+            spent += cost[k]
+    return list(chosen.items())
 
 
-def hiding_order(usage: Usage, min_bytes: int, profile: DeviceProfile | None = None) -> list[int]:
-    """The residuals `policy="auto"` without a budget moves, in the order it takes them:
-    biggest idle bytes first, skipping any whose copies the cost model says would not
-    hide under compute. A shorter prefix moves less and risks less."""
-    _, clock, eligible, evaluate = _choices(usage, "auto", min_bytes, profile, speed_first=True)
-    return _hiding_moves(eligible, clock[-1] * NO_SLOWDOWN_FRACTION, evaluate)
+def hiding_order(
+    usage: Usage, min_bytes: int, profile: DeviceProfile | None = None
+) -> tuple[list[tuple[int, Decision]], list[tuple[int, Decision]]]:
+    """The choices of `policy="auto"` without a budget, in the order it takes them: the
+    moves the cost model says hide under compute (biggest idle bytes first), then every
+    residual a chain can rebuild, cheapest per byte first; and the chains alone, with no
+    move. A shorter prefix risks less; the compile check (`_check`) takes the longest
+    within its time limit."""
+    profile, clock, eligible, evaluate = _choices(usage, "auto", min_bytes, profile, True)
+    allowed = clock[-1] * NO_SLOWDOWN_FRACTION
+    choices = _hiding_choices(usage, eligible, allowed, evaluate, profile, np.inf)
+    alone = _hiding_choices(usage, eligible, -np.inf, evaluate, profile, np.inf)  # no move
+    return choices, alone
 
 
 def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usage: Usage) -> dict:

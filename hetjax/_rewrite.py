@@ -272,7 +272,7 @@ def run_backward(
         if r.decision == "recompute" and r.per_iteration:
             j = r.first_backward_use - num_fwd
             at = jaxpr.eqns[j].invars.index(res_invars[r.index])
-            recipe = usage.recipes[r.index]
+            recipe = usage.recipe_of(r.index)
             stacks = [input_value[i] for i in recipe.input_anchors]
             scan = program.forward.jaxpr.eqns[r.produced_at]
             rebuilt.setdefault(j, {})[at] = slice_rebuild(scan, res_vars[r.index], recipe, stacks)

@@ -50,6 +50,7 @@ from ._usage import (
     moves_per_iteration,
     recipe_for,
     residual_record,
+    slice_chains,
     with_slice_recipes,
 )
 
@@ -153,7 +154,18 @@ def step_usage(program: StepProgram) -> Usage:
         eqns=tuple(jaxpr.eqns),
         boundary=boundary,
         buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
-        chains=chains_of(records, jaxpr, producer, input_index, residual_vars),
+        chains={
+            **chains_of(records, jaxpr, producer, input_index, residual_vars),
+            **slice_chains(
+                records,
+                recipes,
+                jaxpr.eqns,
+                readers_of=lambda k: readers[residual_vars[k]],
+                stacked={v: (k, v) for k, v in enumerate(residual_vars)},
+                var_of=residual_vars,
+                input_index=input_index,
+            ),
+        },  # fmt: skip
     )
 
 
@@ -189,7 +201,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         v = res_vars[r.index]
         if r.decision == "recompute" and r.per_iteration:
             at = jaxpr.eqns[r.first_backward_use].invars.index(v)
-            recipe = usage.recipes[r.index]
+            recipe = usage.recipe_of(r.index)
             stacks = [inputs_of_values[i] for i in recipe.input_anchors]
             rebuild_slices = slice_rebuild(jaxpr.eqns[r.produced_at], v, recipe, stacks)
             sliced_rebuilds.setdefault(r.first_backward_use, {})[at] = rebuild_slices

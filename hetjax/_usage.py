@@ -242,7 +242,18 @@ def residual_usage(program: VjpProgram) -> Usage:
         eqns=(*fwd.eqns, *bwd.eqns),
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
-        chains=chains_of(records, fwd, producer, input_index, res_vars),
+        chains={
+            **chains_of(records, fwd, producer, input_index, res_vars),
+            **slice_chains(
+                records,
+                recipes,
+                fwd.eqns,
+                readers_of=lambda k: readers.get(bwd_res_invars[k], []),
+                stacked=stacked,
+                var_of=res_vars,
+                input_index=input_index,
+            ),
+        },  # fmt: skip
     )
 
 
@@ -307,28 +318,68 @@ def with_slice_recipes(
     forward variable to its residual index and the variable the backward reads it as;
     `input_index` numbers the function inputs.
     """
-    found: dict[int, Recipe] = {}
-    for r in records:
-        if r.per_iteration and r.index not in recipes:
-            (reader,) = readers_of(r.index)
-            scan = forward_eqns[r.produced_at]
-            recipe = slice_recipe(scan, reader, var_of[r.index], stacked, input_index)
-            if recipe is not None:
-                found[r.index] = recipe
+    found = _slice_recipes(records, recipes, forward_eqns, readers_of, stacked, var_of, input_index)
     recipes.update(found)  # an anchor may be rebuilt too: the rewrite rebuilds it first
     return [dataclasses.replace(r, recomputable=True) if r.index in found else r
             for r in records]  # fmt: skip
 
 
+def _slice_recipes(
+    records: list[ResidualUsage],
+    recipes: dict[int, Recipe],
+    forward_eqns: Any,
+    readers_of: Any,
+    stacked: dict[Var, tuple[int, Var]],
+    var_of: Any,
+    input_index: dict[Var, int],
+    find: Any = None,
+) -> dict[int, Recipe]:
+    """`slice_recipe` of each per-iteration residual that has no recipe in `recipes`."""
+    found: dict[int, Recipe] = {}
+    for r in records:
+        if r.per_iteration and r.index not in recipes:
+            (reader,) = readers_of(r.index)
+            scan = forward_eqns[r.produced_at]
+            recipe = slice_recipe(scan, reader, var_of[r.index], stacked, input_index, find)
+            if recipe is not None:
+                found[r.index] = recipe
+    return found
+
+
+def slice_chains(
+    records: list[ResidualUsage],
+    recipes: dict[int, Recipe],
+    forward_eqns: Any,
+    readers_of: Any,
+    stacked: dict[Var, tuple[int, Var]],
+    var_of: Any,
+    input_index: dict[Var, int],
+) -> dict[int, Recipe]:
+    """Chains (`chain_for`) that rebuild per-iteration residuals one scan iteration at a
+    time, inside the backward loop (as `with_slice_recipes`' cheap recipes do)."""
+    found = _slice_recipes(
+        records, recipes, forward_eqns, readers_of, stacked, var_of, input_index, chain_for
+    )
+    return {k: dataclasses.replace(recipe, chain=True) for k, recipe in found.items()}
+
+
 def slice_recipe(
-    scan: Any, reader: Any, v: Var, stacked: dict[Var, tuple[int, Var]], input_index: dict
+    scan: Any,
+    reader: Any,
+    v: Var,
+    stacked: dict[Var, tuple[int, Var]],
+    input_index: dict,
+    find: Any = None,
 ) -> Recipe | None:
     """How the backward scan `reader` can rebuild, in each iteration, its slice of `v`
     (a stacked output of the forward `scan`): cheap equations of `scan`'s body, run
     on that iteration's slices of other stacked residuals that `reader` reads too
     (stacked outputs of `scan`, or stacked inputs such as the layers' weights), or of
     stacked function inputs that `reader` can be given (the f32 weights of a layer's
-    bf16 copy)."""
+    bf16 copy). `find=chain_for` looks for a chain instead of cheap equations.
+
+    TODO: a chain cannot reach a const of `scan` that is not a residual (the reference
+    gpt_scan's attention fill value, made once outside the loop): its `exp` has none."""
     body = scan.params["jaxpr"].jaxpr
     num_consts, num_carry = scan_counts(scan)
     first_stacked = num_consts + num_carry
@@ -358,7 +409,7 @@ def slice_recipe(
     target = body.outvars[scan.outvars.index(v)]
     if not isinstance(target, Var):
         return None
-    recipe = recipe_for(body, target, def_use(body.eqns)[0], inputs, anchors)
+    recipe = (find or recipe_for)(body, target, def_use(body.eqns)[0], inputs, anchors)
     if recipe is None:
         return None
     body_var_of_input = {i: inner for inner, i in inputs.items()}

@@ -356,6 +356,25 @@ def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
     assert _bisect(lambda k: k, 8, lambda k: rising[k], 50, (-1, 101)) == (4, 70)
 
 
+def test_a_budget_recomputes_a_scans_attention_in_the_backward_loop() -> None:
+    def layer(x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+        return x + _attention(x, w), None
+
+    def loss(ws: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(lax.scan(layer, x, ws)[0] ** 2)
+
+    ws, x = spec((4, 64, 192), jnp.float32), spec((4, 1024, 64), jnp.float32)
+    plain = hetjax.analyze(loss, ws, x, policy="none", target="h200").compiled
+    budget = 0.6 * plain.plain.peak_bytes
+    report = hetjax.analyze(loss, ws, x, device_budget=budget, target="h200")
+    assert report.feasible and report.compiled.planned.peak_bytes <= budget
+    rebuilt = [r for r in report.residuals if r.decision == "recompute" and r.shape[0] == 4]
+    assert any(r.shape == (4, 4, 1024, 1024) and r.move == "per-iteration" for r in rebuilt)
+    steps = report.compiled
+    assert report.moved_bytes == 0 and steps.planned_step.d2h_bytes == 0
+    assert steps.planned_step.matmul_flops > steps.plain_step.matmul_flops
+
+
 def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], int]:
     def peak(k: int) -> int:
         asked.append(k)
@@ -413,10 +432,14 @@ def attention_layers(ws: list, x: jax.Array) -> jax.Array:
     """Single-head self-attention layers in f32: the probabilities (batch x t x t) are
     the biggest residual, rebuilt from q and k by one matmul and a softmax."""
     for w in ws:
-        q, k, v = jnp.split(x @ w, 3, axis=-1)
-        probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
-        x = x + jnp.einsum("bts,bsd->btd", probs, v)
+        x = x + _attention(x, w)
     return jnp.sum(x**2)
+
+
+def _attention(x: jax.Array, w: jax.Array) -> jax.Array:
+    q, k, v = jnp.split(x @ w, 3, axis=-1)
+    probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+    return jnp.einsum("bts,bsd->btd", probs, v)
 
 
 def test_a_budget_recomputes_attention_instead_of_moving_it() -> None:

@@ -448,6 +448,31 @@ def test_a_budget_rebuilds_attention_probabilities_by_a_chain():
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
 
 
+def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice():
+    # The same layers under lax.scan: each backward iteration rebuilds its layer's
+    # probabilities from its slices of q and k; the stacked probabilities never exist.
+    def layer(x, w):
+        q, k, v = jnp.split(x @ w, 3, axis=-1)
+        probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+        return x + jnp.einsum("bts,bsd->btd", probs, v), None
+
+    def loss(ws, x):
+        return jnp.sum(lax.scan(layer, x, ws)[0] ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    ws = jax.random.normal(keys[0], (4, 32, 96)) * 0.1
+    x = jax.random.normal(keys[1], (2, 256, 32))
+    plain = hetjax.analyze(loss, ws, x, policy="none", min_bytes=0).baseline_peak_bytes
+    fun = hetjax.het_offload(loss, min_bytes=0, device_budget=0.5 * plain)
+    report = fun.analyze(ws, x)
+    probs = [r for r in report.residuals if r.shape == (4, 2, 256, 256)]
+    assert probs and all(r.decision == "recompute" and r.move == "per-iteration" for r in probs)
+    assert report.plan.recompute_s > 0 and report.moved_bytes == 0 and report.feasible
+    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        a, b = grad(fun)(ws, x), grad(loss)(ws, x)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_min_bytes_and_callable_policy():
     loss, (w, x) = MODELS["stacked_mlp"]()
     g = jax.grad(loss)(w, x)
