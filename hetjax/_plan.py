@@ -16,7 +16,7 @@ the cost model. It has two modes:
   choices does not depend on B, so a smaller budget never frees fewer bytes.
 - with no budget (no-slowdown): move the residuals, biggest idle bytes first, whose
   copies the cost model says hide under compute, then rebuild by chains, cheapest per
-  byte first, within the same allowance (1% of the step).
+  byte freed first, within the same allowance (1% of the step).
 `policy="all"` and a callable policy move; they rebuild no chain.
 
 This stage rests on the memory model alone; `_check` holds its plans against a compiler
@@ -172,13 +172,13 @@ def make_plan(
     if speed_first is None:
         speed_first = policy == "auto" and device_budget is None
     profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile, speed_first)
-    offload = "offload"
+    chosen: dict[int, Decision]
     if choices is not None:
         chosen = dict(choices)
     elif policy == "all":
-        chosen = {r.index: offload for r in eligible}
+        chosen = {r.index: "offload" for r in eligible}
     elif callable(policy):
-        chosen = {r.index: offload for r in eligible if policy(r)}
+        chosen = {r.index: "offload" for r in eligible if policy(r)}
     elif device_budget is not None:
         chosen = dict(_greedy_choices(usage, eligible, device_budget, evaluate, profile))
     else:
@@ -256,7 +256,7 @@ def _choices(
     profile: DeviceProfile | None,
     speed_first: bool = False,
 ) -> tuple[DeviceProfile, np.ndarray, list[ResidualUsage], Evaluate]:
-    """The profile, the clock, the residuals a policy may move (or, with a budget,
+    """The profile, the clock, the residuals a policy may move (or, for "auto",
     recompute by a chain), and how a set of choices evaluates: `(records, predicted
     memory, exposed seconds)`."""
     in_flight = IN_FLIGHT_FOR_SPEED if speed_first else 1
@@ -344,7 +344,8 @@ def _no_slowdown(
     profile: DeviceProfile,
 ) -> list[tuple[int, Decision]]:
     """Move what hides under compute: biggest idle bytes first, while exposure is ~0.
-    Then rebuild by chains, cheapest per byte first, within what is left of `allowed_s`."""
+    Then rebuild by chains, cheapest per byte freed first, within what is left of
+    `allowed_s`."""
     return _hiding_choices(usage, eligible, allowed_s, evaluate, profile, allowed_s)
 
 

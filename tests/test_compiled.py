@@ -352,8 +352,13 @@ def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
     asked.clear()
     assert _bisect(lambda k: k, 8, peak_of(rising, asked), 72, (-1, 101)) == (4, 70)
     assert 8 in asked and 4 in asked and len(asked) <= 6
-    # Out of reach: the lowest peak seen along the halving.
-    assert _bisect(lambda k: k, 8, lambda k: rising[k], 50, (-1, 101)) == (4, 70)
+    # Out of reach: the lowest peak found, narrowed down by thirds past the halving.
+    assert _bisect(lambda k: k, 8, lambda k: rising[k], 50, (-1, 101)) == (5, 60)
+    # A valley the halving steps over (16 is above 32's peak): the thirds find it.
+    valley = [100 - 3 * k if k <= 20 else 40 + k for k in range(65)]  # lowest at 20
+    asked.clear()
+    assert _bisect(lambda k: k, 64, peak_of(valley, asked), 45, (-1, 101)) == (19, 43)
+    assert len(asked) <= 16
 
 
 def test_a_budget_recomputes_a_scans_attention_in_the_backward_loop() -> None:
