@@ -357,10 +357,9 @@ def slice_chains(
 ) -> dict[int, Recipe]:
     """Chains (`chain_for`) that rebuild per-iteration residuals one scan iteration at a
     time, inside the backward loop (as `with_slice_recipes`' cheap recipes do)."""
-    found = _slice_recipes(
+    return _slice_recipes(
         records, recipes, forward_eqns, readers_of, stacked, var_of, input_index, chain_for
     )
-    return {k: dataclasses.replace(recipe, chain=True) for k, recipe in found.items()}
 
 
 def slice_recipe(
