@@ -158,19 +158,15 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     # chains, in its order (or, where no prefix of that helps, the chains alone); a
     # budget takes the greedy order that lowers the modelled peak fastest.
     speed_first = policy == "auto" and budget is None
-    if speed_first:
-        with_moves, chains_alone = hiding_order(usage, min_bytes, profile)
-        orders = [with_moves, chains_alone] if with_moves != chains_alone else [with_moves]
-    else:
-        orders = [budget_order(usage, min_bytes, profile)]
 
     def prefix_of(order: list) -> Callable[[int], Plan]:
         return lambda k: make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
                                    speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
 
-    prefix = prefix_of(orders[0])
     if speed_first and plain_ms is not None:
         limit = plain_ms * (1 + AUTO_SLOWDOWN)
+        with_moves, chains_alone = hiding_order(usage, min_bytes, profile)
+        orders = [with_moves, chains_alone] if with_moves != chains_alone else [with_moves]
         for order in orders:
             plan, planned = _fastest_saving(
                 prefix_of(order), len(order), compiled, limit, (unchanged, plain)
@@ -194,7 +190,8 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             )
             plan, planned = unchanged, plain
     else:
-        plan, planned = _bisect(prefix, len(orders[0]), peak, budget, (unchanged, plain))
+        order = budget_order(usage, min_bytes, profile)
+        plan, planned = _bisect(prefix_of(order), len(order), peak, budget, (unchanged, plain))
         if planned > budget:
             warn_once(
                 f"hetjax: device_budget={budget:,.0f} bytes cannot be met for {where}: the "

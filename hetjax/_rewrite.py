@@ -368,8 +368,10 @@ def is_forced(recipe: Recipe, eqns: Sequence[Any], decision: dict[int, str]) -> 
     instead of 6.9). A recomputation from residuals kept on device is left to XLA, which
     fuses it into its readers or keeps the forward's value, as without hetjax: tied, it
     forces its anchors to be materialized across the barrier (2.2 GiB of f32 anchors on
-    the reference cnn). And a chain (`_usage.chain_for`): untied, XLA merges the
-    backward's matmuls with the forward's and keeps their outputs, as if stored.
+    the reference cnn). And a chain (`_usage.chain_for`): untied, nothing keeps XLA
+    from merging (CSE) the backward's matmuls with the forward's identical ones and
+    keeping their outputs, as if stored (chains were tied from the start; the untied
+    form was not compiled).
     """
     if recipe.chain or any(decision[a] == "offload" for a in recipe.residual_anchors):
         return True
