@@ -44,13 +44,14 @@ from ._trace import inline_calls
 from ._usage import (
     Recipe,
     Usage,
+    chain_for,
     chains_of,
     def_use,
     eqns_reading,
     moves_per_iteration,
     recipe_for,
     residual_record,
-    slice_chains,
+    slice_recipes,
     with_slice_recipes,
 )
 
@@ -142,11 +143,14 @@ def step_usage(program: StepProgram) -> Usage:
             )
         )  # fmt: skip
     residual_vars = program.residual_vars
-    records = with_slice_recipes(
-        records, recipes, jaxpr.eqns, readers_of=lambda k: readers[residual_vars[k]],
-        stacked={v: (k, v) for k, v in enumerate(residual_vars)}, var_of=residual_vars,
+    scans = dict(
+        forward_eqns=jaxpr.eqns,
+        readers_of=lambda k: readers[residual_vars[k]],
+        stacked={v: (k, v) for k, v in enumerate(residual_vars)},
+        var_of=residual_vars,
         input_index=input_index,
-    )  # fmt: skip
+    )
+    records = with_slice_recipes(records, recipes, **scans)
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -156,16 +160,8 @@ def step_usage(program: StepProgram) -> Usage:
         buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
         chains={
             **chains_of(records, jaxpr, producer, input_index, residual_vars),
-            **slice_chains(
-                records,
-                recipes,
-                jaxpr.eqns,
-                readers_of=lambda k: readers[residual_vars[k]],
-                stacked={v: (k, v) for k, v in enumerate(residual_vars)},
-                var_of=residual_vars,
-                input_index=input_index,
-            ),
-        },  # fmt: skip
+            **slice_recipes(records, recipes, **scans, find=chain_for),
+        },
     )
 
 

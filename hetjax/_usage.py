@@ -228,10 +228,14 @@ def residual_usage(program: VjpProgram) -> Usage:
                 per_iteration=sliceable,
             )
         )  # fmt: skip
-    stacked = {v: (k, bwd_res_invars[k]) for v, k in residual_of.items()}
-    records = with_slice_recipes(records, recipes, fwd.eqns, readers_of=lambda k: readers.get(
-        bwd_res_invars[k], []), stacked=stacked, var_of=res_vars,
-        input_index=input_index)  # fmt: skip
+    scans = dict(
+        forward_eqns=fwd.eqns,
+        readers_of=lambda k: readers.get(bwd_res_invars[k], []),
+        stacked={v: (k, bwd_res_invars[k]) for v, k in residual_of.items()},
+        var_of=res_vars,
+        input_index=input_index,
+    )
+    records = with_slice_recipes(records, recipes, **scans)
     records, recipes = _unread_in_backward(
         records, recipes, used_inputs(bwd)[: program.num_residuals]
     )
@@ -244,16 +248,8 @@ def residual_usage(program: VjpProgram) -> Usage:
         buffers=_vjp_buffers(program, set(res_vars)),
         chains={
             **chains_of(records, fwd, producer, input_index, res_vars),
-            **slice_chains(
-                records,
-                recipes,
-                fwd.eqns,
-                readers_of=lambda k: readers.get(bwd_res_invars[k], []),
-                stacked=stacked,
-                var_of=res_vars,
-                input_index=input_index,
-            ),
-        },  # fmt: skip
+            **slice_recipes(records, recipes, **scans, find=chain_for),
+        },
     )
 
 
@@ -318,13 +314,13 @@ def with_slice_recipes(
     forward variable to its residual index and the variable the backward reads it as;
     `input_index` numbers the function inputs.
     """
-    found = _slice_recipes(records, recipes, forward_eqns, readers_of, stacked, var_of, input_index)
+    found = slice_recipes(records, recipes, forward_eqns, readers_of, stacked, var_of, input_index)
     recipes.update(found)  # an anchor may be rebuilt too: the rewrite rebuilds it first
     return [dataclasses.replace(r, recomputable=True) if r.index in found else r
             for r in records]  # fmt: skip
 
 
-def _slice_recipes(
+def slice_recipes(
     records: list[ResidualUsage],
     recipes: dict[int, Recipe],
     forward_eqns: Any,
@@ -334,7 +330,8 @@ def _slice_recipes(
     input_index: dict[Var, int],
     find: Any = None,
 ) -> dict[int, Recipe]:
-    """`slice_recipe` of each per-iteration residual that has no recipe in `recipes`."""
+    """`slice_recipe` of each per-iteration residual that has no recipe in `recipes`;
+    with `find=chain_for`, the chains that rebuild them one scan iteration at a time."""
     found: dict[int, Recipe] = {}
     for r in records:
         if r.per_iteration and r.index not in recipes:
@@ -344,22 +341,6 @@ def _slice_recipes(
             if recipe is not None:
                 found[r.index] = recipe
     return found
-
-
-def slice_chains(
-    records: list[ResidualUsage],
-    recipes: dict[int, Recipe],
-    forward_eqns: Any,
-    readers_of: Any,
-    stacked: dict[Var, tuple[int, Var]],
-    var_of: Any,
-    input_index: dict[Var, int],
-) -> dict[int, Recipe]:
-    """Chains (`chain_for`) that rebuild per-iteration residuals one scan iteration at a
-    time, inside the backward loop (as `with_slice_recipes`' cheap recipes do)."""
-    return _slice_recipes(
-        records, recipes, forward_eqns, readers_of, stacked, var_of, input_index, chain_for
-    )
 
 
 def slice_recipe(
