@@ -266,6 +266,9 @@ def _choices(
     first = {r.index: _first_decision(r, policy, min_bytes, r.index in usage.chains and rebuild)
              for r in usage.residuals}  # fmt: skip
     eligible = [r for r in usage.residuals if first[r.index] == "offload"]
+    if rebuild:  # a checkpoint a chain starts from may move too (`_greedy_choices`)
+        eligible += [r for r in usage.residuals
+                     if r.checkpoint and r.offloadable and r.nbytes >= min_bytes]  # fmt: skip
     base = {k: ("keep" if d == "offload" else d) for k, d in first.items()}
 
     def evaluate(
@@ -294,13 +297,15 @@ def _greedy_choices(
     over the link (the link is shared by every move, hidden or not), else move it."""
     chosen: dict[int, Decision] = {}
     while True:
-        _, memory, _ = evaluate(chosen)
+        records, memory, _ = evaluate(chosen)
         if memory.max() <= budget:
             return list(chosen.items())
         peak = int(np.argmax(memory)) - 1  # index 0 is position -1
+        # As evaluated: a checkpoint is read in the backward once a chain starts there.
+        now = [records[r.index] for r in eligible if r.index not in chosen]
         idle = [
-            r for r in eligible
-            if r.index not in chosen and r.last_forward_use < peak < r.first_backward_use
+            r for r in now
+            if r.read_in_backward and r.last_forward_use < peak < r.first_backward_use
             and (r.offloadable or _chain_allowed(usage, r.index, chosen))
         ]  # fmt: skip
         if not idle:
@@ -360,7 +365,7 @@ def _hiding_choices(
     """`_no_slowdown`'s choices, in the order it takes them: the chains it takes cost at
     most `chain_allowance_s` with the exposed link time."""
     moved: list[int] = []
-    movable = [r for r in eligible if r.offloadable]
+    movable = [r for r in eligible if r.offloadable and r.index not in usage.checkpoints]
     for r in sorted(movable, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
         if evaluate(dict.fromkeys([*moved, r.index], "offload"))[2] <= allowed_s:
             moved.append(r.index)
@@ -393,12 +398,20 @@ def hiding_order(
     return choices, alone
 
 
-def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usage: Usage) -> dict:
-    """Backward position at which each residual is first needed, recomputes included."""
-    need = {k: r.first_backward_use for k, r in records.items()}
+def _first_need(
+    records: dict[int, ResidualUsage], decided: dict[int, str], usage: Usage
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Backward position at which each residual is first needed, recomputes included;
+    and, for each checkpoint a chosen chain starts from, the last such position."""
+    end = len(usage.eqns)
+    need = {k: end if k in usage.checkpoints else r.first_backward_use
+            for k, r in records.items()}  # fmt: skip
+    last: dict[int, int] = {}
 
     def visit(k: int, at: int) -> None:
         need[k] = min(need[k], at)
+        if k in usage.checkpoints:
+            last[k] = max(last.get(k, at), at)
         if decided[k] == "recompute" and (k in usage.recipes or k in usage.chains):
             for a in usage.recipe_of(k).residual_anchors:
                 visit(a, at)
@@ -406,7 +419,20 @@ def _first_need(records: dict[int, ResidualUsage], decided: dict[int, str], usag
     for k, d in decided.items():
         if d == "recompute":
             visit(k, records[k].first_backward_use)
-    return need
+    return need, last
+
+
+def _read_checkpoints(
+    records: dict[int, ResidualUsage], need: dict[int, int], last: dict[int, int]
+) -> dict[int, ResidualUsage]:
+    """`records` with each checkpoint a chain starts from read in the backward, from the
+    first to the last recomputation that reads it."""
+    return records | {
+        k: dataclasses.replace(
+            records[k], read_in_backward=True, first_backward_use=need[k], last_backward_use=at
+        )
+        for k, at in last.items()
+    }
 
 
 def _with_pins(
@@ -425,8 +451,10 @@ def _with_pins(
     consumed. So at most about `in_flight` + 1 moved residuals are in flight at a time.
     """
     by_index = {r.index: r for r in usage.residuals}
-    need = _first_need(by_index, decided, usage)
-    moved = [r for r in usage.residuals if decided[r.index] == "offload"]
+    need, last = _first_need(by_index, decided, usage)
+    by_index = _read_checkpoints(by_index, need, last)
+    residuals = [by_index[r.index] for r in usage.residuals]
+    moved = [r for r in residuals if decided[r.index] == "offload"]
 
     def backward_from(r: ResidualUsage) -> int:
         return usage.boundary if r.backward_from is None else r.backward_from
@@ -464,7 +492,7 @@ def _with_pins(
             pins[r.index] = {"offload_by": r.produced_at + 1, "prefetch_at": need[r.index]}
     return tuple(
         dataclasses.replace(r, decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
-        for r in usage.residuals
+        for r in residuals
     )
 
 

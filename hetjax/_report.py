@@ -38,7 +38,8 @@ class Report:
 
     @property
     def residuals(self) -> tuple[ResidualUsage, ...]:
-        return self.plan.residuals
+        """The plan's records, less the checkpoints no recomputation starts from."""
+        return tuple(r for r in self.plan.residuals if r.read_in_backward or not r.checkpoint)
 
     @property
     def moved_bytes(self) -> int:
@@ -106,7 +107,8 @@ class Report:
                 f"{r.nbytes / 2**20:.2f}", r.primitive, str(r.produced_at),
                 str(r.last_forward_use), str(r.first_backward_use),
                 r.decision + (" (input)" if r.is_input else "")
-                + ("" if r.read_in_backward else " (unread)"), r.move,
+                + ("" if r.read_in_backward else " (unread)")
+                + (" (checkpoint)" if r.checkpoint else ""), r.move,
                 "" if r.offload_by is None else str(r.offload_by),
                 "" if r.prefetch_at is None else str(r.prefetch_at), r.source,
             ))  # fmt: skip

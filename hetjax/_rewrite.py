@@ -68,11 +68,15 @@ class StoredLayout:
 
     @classmethod
     def of(cls, usage: Usage, plan: Plan) -> StoredLayout:
-        stored = tuple(r.index for r in plan.residuals if r.decision != "recompute")
-        inputs = sorted(
-            {i for r in plan.residuals if r.decision == "recompute"
-             for i in usage.recipe_of(r.index).input_anchors}
+        rebuilt = [usage.recipe_of(r.index) for r in plan.residuals if r.decision == "recompute"]
+        # A checkpoint is stored only for the recomputations that start from it: else
+        # the forward would hold it for nothing where XLA does not drop it (eager).
+        started = {a for recipe in rebuilt for a in recipe.residual_anchors}
+        stored = tuple(
+            r.index for r in plan.residuals
+            if r.decision != "recompute" and (not r.checkpoint or r.index in started)
         )  # fmt: skip
+        inputs = sorted({i for recipe in rebuilt for i in recipe.input_anchors})
         return cls(stored, tuple(inputs))
 
 

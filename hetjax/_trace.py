@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ._compat import (
@@ -26,6 +27,7 @@ from ._compat import (
     eval_jaxpr,
     inlinable_call,
     inner_name_stack,
+    on_host,
     read_atom,
     sub_jaxprs,
 )
@@ -43,6 +45,10 @@ class VjpProgram:
     backward: ClosedJaxpr
     num_inputs: int
     num_outputs: int
+    # Residual indices `with_checkpoints` added: forward values JAX does not save, which
+    # the backward takes but never reads. A chain may start from one (the plan then
+    # stores it, on device or host), as `jax.checkpoint` restarts from a layer's input.
+    checkpoints: tuple[int, ...] = ()
 
     @property
     def num_residuals(self) -> int:
@@ -99,7 +105,68 @@ def trace_vjp(primal: Jaxpr | ClosedJaxpr, in_avals: Sequence[Any]) -> VjpProgra
         num_inputs=len(in_avals),
         num_outputs=len(out_shapes),
     )
-    return defer_derived_forms(program, in_avals, ct_avals)
+    return with_checkpoints(defer_derived_forms(program, in_avals, ct_avals), in_avals, ct_avals)
+
+
+# A forward value read again this many equations after it is made (a skip connection,
+# such as a transformer layer's input, read by its norm and by the residual add after the
+# layer) may be a checkpoint: chains rebuild the layer's internals from it. As many as a
+# chain may hold (`_usage.MAX_CHAIN_EQNS`): a shorter-lived value (a norm's mean, the
+# masked attention scores) would stop chains that do better from stored residuals.
+MIN_CHECKPOINT_SPAN = 32
+
+
+def checkpoint_candidates(program: VjpProgram) -> list[Var]:
+    """The forward values `with_checkpoints` adds: float arrays on device, neither inputs,
+    outputs nor residuals, whose last forward reader comes at least `MIN_CHECKPOINT_SPAN`
+    equations after their producer."""
+    fwd = program.forward.jaxpr
+    taken = {v for v in fwd.outvars if isinstance(v, Var)}
+    made: dict[Var, int] = {}
+    last: dict[Var, int] = {}
+    for i, eqn in enumerate(fwd.eqns):
+        for v in eqn.invars:
+            if isinstance(v, Var):
+                last[v] = i
+        made.update((v, i) for v in eqn.outvars)
+    return [
+        v for v, i in made.items()
+        if v not in taken and last.get(v, i) - i >= MIN_CHECKPOINT_SPAN and v.aval.shape
+        and jnp.issubdtype(v.aval.dtype, jnp.inexact) and not on_host(v.aval)
+    ]  # fmt: skip
+
+
+def with_checkpoints(
+    program: VjpProgram, in_avals: Sequence[Any], ct_avals: Sequence[Any]
+) -> VjpProgram:
+    """`program` with `checkpoint_candidates` appended to its residuals: the forward
+    returns them too, the backward takes them and reads none. Unless a plan rebuilds a
+    residual from one, the rewrite does not store it (`_rewrite.StoredLayout`)."""
+    extra = checkpoint_candidates(program)
+    if not extra:
+        return program
+    fwd, bwd = program.forward, program.backward
+    num_outputs, num_residuals = program.num_outputs, program.num_residuals
+    saved = [*program.residual_vars, *extra]
+
+    def forward(*xs: Any) -> tuple[list[Any], list[Any]]:
+        env = _eval_env(fwd.jaxpr, fwd.consts, xs)
+        return [read_atom(env, v) for v in fwd.jaxpr.outvars[:num_outputs]], [
+            read_atom(env, v) for v in saved
+        ]
+
+    fwd_closed, (_, saved_shapes) = jax.make_jaxpr(forward, return_shape=True)(*in_avals)
+
+    def backward(values: list[Any], cts: list[Any]) -> list[Any]:
+        return eval_jaxpr(bwd.jaxpr, bwd.consts, *values[:num_residuals], *cts)
+
+    bwd_closed = jax.make_jaxpr(backward)(saved_shapes, list(ct_avals))
+    return dataclasses.replace(
+        program,
+        forward=fwd_closed,
+        backward=bwd_closed,
+        checkpoints=tuple(range(num_residuals, len(saved))),
+    )
 
 
 def defer_derived_forms(

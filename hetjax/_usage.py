@@ -7,6 +7,7 @@ Positions are in program order: forward equations are `0 .. F-1`, backward equat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 from ._compat import (
@@ -94,6 +95,9 @@ class ResidualUsage:
     backward_from: int | None = None
     # False when the backward takes it but never reads it (see `_unread_in_backward`).
     read_in_backward: bool = True
+    # A forward value JAX does not save, which a chain may start from (`_trace.
+    # with_checkpoints`); read in the backward only where the plan recomputes from it.
+    checkpoint: bool = False
     decision: Decision = "keep"
     offload_by: int | None = None
     prefetch_at: int | None = None
@@ -160,6 +164,12 @@ class Usage:
     # recompute one of these instead of moving it, at the chain's cost.
     chains: dict[int, Recipe] = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def checkpoints(self) -> frozenset[int]:
+        """The residuals a chain may start from that the backward does not read
+        (`ResidualUsage.checkpoint`): stored only where a chosen recomputation reads one."""
+        return frozenset(r.index for r in self.residuals if r.checkpoint)
+
     def recipe_of(self, k: int) -> Recipe:
         """How residual `k` is rebuilt when the plan recomputes it."""
         return self.recipes[k] if k in self.recipes else self.chains[k]
@@ -192,10 +202,11 @@ def residual_usage(program: VjpProgram) -> Usage:
     # Read in the forward after being made, or an output: must exist as a whole there.
     whole_in_forward = set(last_use) | set(fwd.outvars[: program.num_outputs])
 
-    # The first residual index for each var; a repeated var shares its record.
+    # The first residual index for each var; a repeated var shares its record. Cheap
+    # recipes never start from a checkpoint: storing one costs what it saves.
     residual_of: dict[Var, int] = {}
     for k, v in enumerate(res_vars):
-        if isinstance(v, Var):
+        if isinstance(v, Var) and k not in program.checkpoints:
             residual_of.setdefault(v, k)
 
     recipes: dict[int, Recipe] = {}
@@ -235,6 +246,7 @@ def residual_usage(program: VjpProgram) -> Usage:
         var_of=res_vars,
         input_index=input_index,
     )
+    records = [dataclasses.replace(r, checkpoint=r.index in program.checkpoints) for r in records]
     records = with_slice_recipes(records, recipes, **scans)
     records, recipes = _unread_in_backward(
         records, recipes, used_inputs(bwd)[: program.num_residuals]
@@ -258,10 +270,11 @@ def chains_of(
 ) -> dict[int, Recipe]:
     """The chain recipes (`chain_for`) of the residuals with nothing cheaper: read in the
     backward, moved whole, neither inputs nor rebuilt cheaply. A chain stops at the
-    residuals the backward reads (stored, or rebuilt cheaply) and at inputs."""
+    residuals the backward reads (stored, or rebuilt cheaply), at checkpoints (stored
+    only for the chains that start there) and at inputs."""
     stops: dict[Var, int] = {}
     for r in records:
-        if r.read_in_backward and isinstance(var_of[r.index], Var):
+        if (r.read_in_backward or r.checkpoint) and isinstance(var_of[r.index], Var):
             stops.setdefault(var_of[r.index], r.index)
     chains = {}
     for r in records:

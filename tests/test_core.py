@@ -448,6 +448,44 @@ def test_a_budget_rebuilds_attention_probabilities_by_a_chain():
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
 
 
+def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
+    # Pre-norm residual layers: the stream x is no residual (the norm keeps its own f32
+    # pieces), but it lives across the layer, so it is a checkpoint. Under a tight
+    # budget the norms' pieces are rebuilt from it, as jax.checkpoint restarts a layer.
+    def norm(x):
+        h = x - x.mean(-1, keepdims=True)
+        return h * lax.rsqrt((h**2).mean(-1, keepdims=True) + 1e-5)
+
+    def loss(ws, x):
+        for w in ws:
+            q, k, v = jnp.split(norm(x) @ w, 3, axis=-1)
+            probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+            x = x + jnp.einsum("bts,bsd->btd", probs, v)
+        return jnp.sum(x**2)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    ws = [jax.random.normal(k, (32, 96)) * 0.1 for k in keys[:4]]
+    x = jax.random.normal(keys[4], (2, 256, 32))
+    none = hetjax.analyze(loss, ws, x, policy="none", min_bytes=0)
+    assert not any(r.checkpoint for r in none.residuals)  # stored only where a chain starts
+    budget = 0.3 * none.baseline_peak_bytes
+    fun = hetjax.het_offload(loss, min_bytes=0, device_budget=budget)
+    with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
+        report = fun.analyze(ws, x)
+    checkpoints = [r for r in report.residuals if r.checkpoint]
+    assert checkpoints and all(r.read_in_backward for r in checkpoints)
+    assert all(r.decision in ("keep", "offload") and r.primitive == "add" for r in checkpoints)
+    assert "(checkpoint)" in report.table()
+    # Layers 2 and 3's x - mean, rebuilt from the checkpoint x (no residual lies between;
+    # the last layer's is read as soon as the backward starts: never idle at the peak).
+    centered = [r for r in report.residuals if r.primitive == "sub" and r.shape == x.shape]
+    assert [r.decision for r in centered[1:3]] == ["recompute"] * 2
+    assert report.predicted_peak_bytes < 0.5 * none.baseline_peak_bytes
+    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        for a, b in zip(grad(fun)(ws, x), grad(loss)(ws, x), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice():
     # The same layers under lax.scan: each backward iteration rebuilds its layer's
     # probabilities from its slices of q and k; the stacked probabilities never exist.
