@@ -120,6 +120,9 @@ def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     """The forward values `with_checkpoints` adds: float arrays on device, neither inputs,
     outputs nor residuals, whose last forward reader comes at least `MIN_CHECKPOINT_SPAN`
     equations after their producer."""
+    # TODO: top-level values only. A scan's carry (the gpt_scan's layer input) would
+    # need the forward body to emit it as a stacked output, sliced like the scan's own
+    # residuals; and the step form (`_step`) has no checkpoints yet.
     fwd = program.forward.jaxpr
     taken = {v for v in fwd.outvars if isinstance(v, Var)}
     made: dict[Var, int] = {}

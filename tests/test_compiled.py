@@ -337,23 +337,22 @@ def test_bisection_finds_the_shortest_prefix_that_meets_the_budget() -> None:
 
     peaks = [100, 95, 90, 80, 70, 60, 55, 50]  # by prefix length 0..7
     asked: list[int] = []
-
-    def peak(k: int) -> int:
-        asked.append(k)
-        return peaks[k]
-
-    plan, found = _bisect(lambda k: k, 7, peak, 72, (-1, 101))
+    plan, found = _bisect(lambda k: k, 7, peak_of(peaks, asked), 72, (-1, 101))
     assert (plan, found) == (4, 70) and len(asked) <= 5
-    assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 101)) == (7, 50)
-    assert _bisect(lambda k: k, 7, lambda k: peaks[k], 40, (-1, 45)) == (-1, 45)
-    assert _bisect(lambda k: k, 7, lambda k: peaks[k] + 60, 100, (-1, 101)) == (-1, 101)
+    assert _bisect(lambda k: k, 7, peak_of(peaks, []), 40, (-1, 101)) == (7, 50)
+    assert _bisect(lambda k: k, 7, peak_of(peaks, []), 40, (-1, 45)) == (-1, 45)
+    higher = [p + 60 for p in peaks]
+    assert _bisect(lambda k: k, 7, peak_of(higher, []), 100, (-1, 101)) == (-1, 101)
     # The peak rises again at the end of the order: halve down to its low, bisect below.
     rising = [100, 95, 90, 80, 70, 60, 65, 75, 85]  # by prefix length 0..8
     asked.clear()
     assert _bisect(lambda k: k, 8, peak_of(rising, asked), 72, (-1, 101)) == (4, 70)
     assert 8 in asked and 4 in asked and len(asked) <= 6
     # Out of reach: the lowest peak found, narrowed down by thirds past the halving.
-    assert _bisect(lambda k: k, 8, lambda k: rising[k], 50, (-1, 101)) == (5, 60)
+    assert _bisect(lambda k: k, 8, peak_of(rising, []), 50, (-1, 101)) == (5, 60)
+    # ... or a faster plan (a shorter prefix here) within 1% of it.
+    near = [1000, 950, 900, 800, 700, 601, 600, 750, 850]
+    assert _bisect(lambda k: k, 8, peak_of(near, []), 500, (-1, 1010)) == (5, 601)
     # A valley the halving steps over (16 is above 32's peak): the thirds find it.
     valley = [100 - 3 * k if k <= 20 else 40 + k for k in range(65)]  # lowest at 20
     asked.clear()
@@ -380,12 +379,15 @@ def test_a_budget_recomputes_a_scans_attention_in_the_backward_loop() -> None:
     assert steps.planned_step.matmul_flops > steps.plain_step.matmul_flops
 
 
-def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], int]:
-    def peak(k: int) -> int:
-        asked.append(k)
-        return peaks[k]
+def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], tuple[int, float]]:
+    """Compiled figures by prefix length: the peak given, and a step time that grows
+    with the prefix."""
 
-    return peak
+    def compiled(k: int) -> tuple[int, float]:
+        asked.append(k)
+        return peaks[k], float(k)
+
+    return compiled
 
 
 def test_policy_all_never_compiles_above_plain_either() -> None:
