@@ -129,7 +129,12 @@ def test_run_tiny_writes_schema(model: str, runs: dict) -> None:
             assert key in v, (v["name"], key)
             assert isinstance(v[key], kind), (v["name"], key, v[key])
         assert isinstance(v["temp_bytes"], int), v
-        assert v["grad_rel_err"] < 1e-2, v
+        # bf16 rounding, not a wrong gradient: plain's own gradient of the tiny gpt
+        # differs by 1.2e-2 (relative L2) between jit and op by op with these flags
+        # (1.7e-2 with XLA's defaults; CPU, jax 0.11.2), and chains run forward work
+        # again under other fusions (1.1e-2 at 0.8 of plain's peak). A wrong gradient
+        # is off by order 1.
+        assert v["grad_rel_err"] < 2e-2, v
         # A hetjax warning is a gap in hetjax, except that a device budget may be
         # infeasible (the tiny models have little to move).
         budget = "@" in v["name"]

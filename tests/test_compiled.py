@@ -444,19 +444,19 @@ def prenorm_layers(ws: list, x: jax.Array) -> jax.Array:
     return jnp.sum(x**2)
 
 
-def test_a_budget_rebuilds_layers_from_checkpoints_without_the_link() -> None:
+def test_a_budget_rebuilds_layers_from_their_checkpoints() -> None:
     ws, x = [spec((512, 1536), jnp.float32)] * 4, spec((4, 256, 512), jnp.float32)
     plain = hetjax.analyze(prenorm_layers, ws, x, policy="none", target="h200").compiled
     budget = 0.5 * plain.plain.peak_bytes
     with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
         report = hetjax.analyze(prenorm_layers, ws, x, device_budget=budget, target="h200")
-    # Chains start from the stored stream: the best plan found keeps a checkpoint and
-    # moves nothing, and compiles below plain (jax 0.11.2: 0.81 of plain's peak; the
-    # same search without checkpoints found 0.85, moving 4 MiB).
-    assert any(r.checkpoint and r.read_in_backward for r in report.residuals)
+    # Chains start from the stored stream: the best plan found stores checkpoints (on
+    # host: 2 MiB, all it moves) and rebuilds the layers from them (jax 0.11.2: 0.73 of
+    # plain's peak at 1.5x its matmul flops; before checkpoints, 0.85, moving 4 MiB).
+    stored = [r for r in report.residuals if r.checkpoint and r.read_in_backward]
+    assert stored and report.moved_bytes <= sum(r.nbytes for r in stored)
     compiled = report.compiled
-    assert report.moved_bytes == 0 and compiled.planned_step.d2h_bytes == 0
-    assert compiled.planned.peak_bytes < 0.9 * plain.plain.peak_bytes
+    assert compiled.planned.peak_bytes < 0.8 * plain.plain.peak_bytes
     assert compiled.planned_step.matmul_flops > compiled.plain_step.matmul_flops
 
 

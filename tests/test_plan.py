@@ -166,11 +166,15 @@ def test_analyze_accepts_shapes_and_het_offload_uses_the_same_plan():
         jax.ShapeDtypeStruct((8, 256, 256), "float32"),
         jax.ShapeDtypeStruct((1024, 256), "float32"),
     ]
-    budget = 0.55 * hetjax.analyze(loss, *shapes, policy="none").baseline_peak_bytes
-    report = hetjax.analyze(loss, *shapes, policy="auto", device_budget=budget, min_bytes=0)
-    assert report.feasible and report.moved_bytes > 0
+    # Below what the model can reach (0.48 of its peak): it moves and recomputes.
+    budget = 0.45 * hetjax.analyze(loss, *shapes, policy="none").baseline_peak_bytes
+    with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
+        report = hetjax.analyze(loss, *shapes, policy="auto", device_budget=budget, min_bytes=0)
+    assert not report.feasible and report.moved_bytes > 0 and report.plan.recompute_s > 0
     decorated = hetjax.het_offload(loss, policy="auto", device_budget=budget, min_bytes=0)
-    jaxpr = str(jax.make_jaxpr(jax.grad(decorated))(*shapes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hetjax.HetjaxWarning)
+        jaxpr = str(jax.make_jaxpr(jax.grad(decorated))(*shapes))
     assert jaxpr.count("devices=(MemorySpace.Host,)") == len(report.plan.offloaded)
 
 
