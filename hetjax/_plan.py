@@ -189,7 +189,9 @@ def make_plan(
         allowed = clock[-1] * NO_SLOWDOWN_FRACTION
         chosen = dict(_no_slowdown(usage, eligible, allowed, evaluate, profile))
     records, predicted, exposed = evaluate(chosen)
-    baseline = plan_timeline(usage, [dataclasses.replace(r, decision="keep") for r in records])
+    # Without hetjax: every record as traced (no checkpoint stored), kept.
+    kept = [dataclasses.replace(r, decision="keep") for r in usage.residuals]
+    baseline = plan_timeline(usage, kept)
     rebuilt = [k for k, d in chosen.items() if d == "recompute"]
     plan = Plan(
         records, profile, policy_name, device_budget, tuple(float(t) for t in clock),

@@ -481,6 +481,7 @@ def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     centered = [r for r in report.residuals if r.primitive == "sub" and r.shape == x.shape]
     assert [r.decision for r in centered[1:3]] == ["recompute"] * 2
     assert report.predicted_peak_bytes < 0.5 * none.baseline_peak_bytes
+    assert report.baseline_peak_bytes == none.baseline_peak_bytes  # plain stores none
     for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
         for a, b in zip(grad(fun)(ws, x), grad(loss)(ws, x), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
