@@ -55,6 +55,12 @@ IN_FLIGHT_FOR_SPEED = 2
 # depth 2, q and k move and the best prefix compiled to 10.39 GB at 258 ms predicted;
 # with 4, they are rebuilt: 9.05 GB at 189 ms.
 MAX_CHAIN_DEPTH = 4
+# Without a budget ("auto" puts speed first), chains rest on residuals only, two deep:
+# the gradient pieces are not tied then (`_rewrite`: that costs time), and XLA
+# computes the weight gradients of deeply rebuilt layers last, holding their activation
+# gradients. Reference gpt (H200, jax 0.11.2): with depth 4 and checkpoints "auto"
+# reached 0.93 of plain's temp; with depth 2 and residual anchors, 0.80.
+SPEED_CHAIN_DEPTH = 2
 
 
 class HetjaxWarning(UserWarning):
@@ -324,9 +330,11 @@ def _greedy_choices(
         chosen[best.index] = "recompute" if rebuild else "offload"
 
 
-def _chain_allowed(usage: Usage, k: int, chosen: Mapping[int, Decision]) -> bool:
+def _chain_allowed(
+    usage: Usage, k: int, chosen: Mapping[int, Decision], max_depth: int = MAX_CHAIN_DEPTH
+) -> bool:
     """Whether residual `k` may be rebuilt by its chain, given the choices so far: no
-    value may then rest on more than `MAX_CHAIN_DEPTH` chains, one rebuilt from another's
+    value may then rest on more than `max_depth` chains, one rebuilt from another's
     value (the backward would redo the forward from further back, all at once)."""
     if k not in usage.chains:
         return False
@@ -344,7 +352,7 @@ def _chain_allowed(usage: Usage, k: int, chosen: Mapping[int, Decision]) -> bool
             )
         return depth[j]
 
-    return all(of(j) <= MAX_CHAIN_DEPTH for j, d in tentative.items() if d == "recompute")
+    return all(of(j) <= max_depth for j, d in tentative.items() if d == "recompute")
 
 
 def _no_slowdown(
@@ -378,12 +386,15 @@ def _hiding_choices(
     chosen: dict[int, Decision] = dict.fromkeys(moved, "offload")
     spent = evaluate(chosen)[2] if moved else 0.0
     cost = {r.index: chain_seconds(usage, r.index, profile)
-            for r in eligible if r.index in usage.chains and r.index not in chosen}  # fmt: skip
+            for r in eligible if r.index in usage.chains and r.index not in chosen
+            and usage.checkpoints.isdisjoint(usage.chains[r.index].residual_anchors)}  # fmt: skip
     # Cheapest per byte and position freed: a residual read as soon as the backward
     # starts (the logits) frees nothing when rebuilt.
     freed = {r.index: r.nbytes * max(r.idle_span, 0) for r in eligible if r.index in cost}
     for k in sorted(cost, key=lambda k: (cost[k] / freed[k] if freed[k] else np.inf, k)):
-        if spent + cost[k] <= chain_allowance_s and _chain_allowed(usage, k, chosen):
+        if spent + cost[k] <= chain_allowance_s and _chain_allowed(
+            usage, k, chosen, SPEED_CHAIN_DEPTH
+        ):
             chosen[k] = "recompute"
             spent += cost[k]
     return list(chosen.items())
