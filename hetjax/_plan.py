@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ._compat import sub_jaxprs
 from ._cost import DeviceProfile, eqn_seconds, jaxpr_seconds
 from ._memory import plan_timeline
 from ._usage import Decision, ResidualUsage, Usage
@@ -48,19 +49,16 @@ PIN_SLACK = 1.3
 # (the memory-first window) stalled the reference mlp's forward 1.1 ms per copy where
 # two hide; but two cost `policy="all"` 320 MiB more there (H200 compiles).
 IN_FLIGHT_FOR_SPEED = 2
-# How many chains a rebuilt value may rest on, one rebuilt from another's value: a layer's
-# norm from its checkpoint (the layer input), q, k and v from the normalized input, the
-# attention probabilities from q and k. Deeper, the backward redoes the forward from
-# further back, all at once. Reference gpt at remat's budget (H200, jax 0.11.2): with
-# depth 2, q and k move and the best prefix compiled to 10.39 GB at 258 ms predicted;
-# with 4, they are rebuilt: 9.05 GB at 189 ms.
-MAX_CHAIN_DEPTH = 4
-# Without a budget ("auto" puts speed first), chains rest on residuals only, two deep:
-# the gradient pieces are not tied then (`_rewrite`: that costs time), and XLA
-# computes the weight gradients of deeply rebuilt layers last, holding their activation
-# gradients. Reference gpt (H200, jax 0.11.2): with depth 4 and checkpoints "auto"
-# reached 0.93 of plain's temp; with depth 2 and residual anchors, 0.80.
-SPEED_CHAIN_DEPTH = 2
+# How many chains with a matmul a rebuilt value may rest on, one rebuilt from another's
+# value; chains without one (a norm from its layer's checkpoint) do not count. Deeper,
+# the backward redoes the forward from further back, layer after layer, all at once.
+# With 2: a layer's q, k and v from its normalized input (itself from its norms, from
+# the layer's checkpoint), the attention probabilities from q and k. Budgets, H200, jax
+# 0.11.2: counting every chain, a limit of 4 took the reference gpt at remat's budget
+# to 9.05 GB against 10.39 with 2, but the reference mlp at 0.6 of plain's peak to
+# 0.72 of it against 0.62 with 2.
+MAX_CHAIN_DEPTH = 2
+MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
 
 class HetjaxWarning(UserWarning):
@@ -218,13 +216,20 @@ def chain_seconds(usage: Usage, k: int, profile: DeviceProfile) -> float:
     """The cost model's time to run residual `k`'s chain (`Usage.chains`) again: for a
     residual rebuilt one scan iteration at a time, its equations of the forward scan's
     body, once per iteration."""
+    eqns, times = _chain_eqns(usage, k)
+    return times * jaxpr_seconds(eqns, profile)
+
+
+def _chain_eqns(usage: Usage, k: int) -> tuple[list[Any], int]:
+    """Residual `k`'s chain as equations, and how many times they run: once, or once per
+    iteration of the forward scan whose body they come from."""
     chain = usage.chains[k]
     r = usage.residuals[k]
     if not r.per_iteration:
-        return jaxpr_seconds([usage.eqns[e] for e in chain.eqns], profile)
+        return [usage.eqns[e] for e in chain.eqns], 1
     scan = usage.eqns[r.produced_at]
     body = scan.params["jaxpr"].jaxpr.eqns
-    return scan.params["length"] * jaxpr_seconds([body[e] for e in chain.eqns], profile)
+    return [body[e] for e in chain.eqns], int(scan.params["length"])
 
 
 def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int, rebuild: bool) -> str:
@@ -331,11 +336,11 @@ def _greedy_choices(
 
 
 def _chain_allowed(
-    usage: Usage, k: int, chosen: Mapping[int, Decision], max_depth: int = MAX_CHAIN_DEPTH
+    usage: Usage, k: int, chosen: Mapping[int, Decision], every_chain: bool = False
 ) -> bool:
     """Whether residual `k` may be rebuilt by its chain, given the choices so far: no
-    value may then rest on more than `max_depth` chains, one rebuilt from another's
-    value (the backward would redo the forward from further back, all at once)."""
+    value may then rest on more than `MAX_CHAIN_DEPTH` chains with a matmul (with
+    `every_chain`, chains of any kind), one rebuilt from another's value."""
     if k not in usage.chains:
         return False
     tentative = {**chosen, k: "recompute"}
@@ -345,14 +350,27 @@ def _chain_allowed(
         if j not in depth:
             rebuilt = tentative.get(j) == "recompute" or j in usage.recipes
             recipe = usage.recipe_of(j) if rebuilt else None
+            counts = recipe is not None and recipe.chain and (every_chain or _matmul_in(usage, j))
             depth[j] = (
                 0
                 if recipe is None
-                else recipe.chain + max((of(a) for a in recipe.residual_anchors), default=0)
+                else counts + max((of(a) for a in recipe.residual_anchors), default=0)
             )
         return depth[j]
 
-    return all(of(j) <= max_depth for j, d in tentative.items() if d == "recompute")
+    return all(of(j) <= MAX_CHAIN_DEPTH for j, d in tentative.items() if d == "recompute")
+
+
+def _matmul_in(usage: Usage, k: int) -> bool:
+    """Whether residual `k`'s chain runs a matmul (or a convolution), nested ones too."""
+
+    def any_matmul(eqns: Sequence[Any]) -> bool:
+        return any(
+            e.primitive.name in MATMUL_PRIMITIVES or any(any_matmul(j.eqns) for j in sub_jaxprs(e))
+            for e in eqns
+        )
+
+    return any_matmul(_chain_eqns(usage, k)[0])
 
 
 def _no_slowdown(
@@ -385,6 +403,11 @@ def _hiding_choices(
             moved.append(r.index)
     chosen: dict[int, Decision] = dict.fromkeys(moved, "offload")
     spent = evaluate(chosen)[2] if moved else 0.0
+    # Speed first, chains start from residuals only, and any chain counts toward the
+    # depth: the gradient pieces are not tied then (`_rewrite`: ties cost time there),
+    # and XLA computed the weight gradients of deeply rebuilt layers last, holding their
+    # activation gradients (reference gpt, H200, jax 0.11.2: 0.93 of plain's temp with
+    # checkpoints and four chains deep, 0.80 without).
     cost = {r.index: chain_seconds(usage, r.index, profile)
             for r in eligible if r.index in usage.chains and r.index not in chosen
             and usage.checkpoints.isdisjoint(usage.chains[r.index].residual_anchors)}  # fmt: skip
@@ -392,9 +415,7 @@ def _hiding_choices(
     # starts (the logits) frees nothing when rebuilt.
     freed = {r.index: r.nbytes * max(r.idle_span, 0) for r in eligible if r.index in cost}
     for k in sorted(cost, key=lambda k: (cost[k] / freed[k] if freed[k] else np.inf, k)):
-        if spent + cost[k] <= chain_allowance_s and _chain_allowed(
-            usage, k, chosen, SPEED_CHAIN_DEPTH
-        ):
+        if spent + cost[k] <= chain_allowance_s and _chain_allowed(usage, k, chosen, True):
             chosen[k] = "recompute"
             spent += cost[k]
     return list(chosen.items())
