@@ -54,9 +54,10 @@ IN_FLIGHT_FOR_SPEED = 2
 # the backward redoes the forward from further back, layer after layer, all at once.
 # With 2: a layer's q, k and v from its normalized input (itself from its norms, from
 # the layer's checkpoint), the attention probabilities from q and k. Budgets, H200, jax
-# 0.11.2: counting every chain, a limit of 4 took the reference gpt at remat's budget
-# to 9.05 GB against 10.39 with 2, but the reference mlp at 0.6 of plain's peak to
-# 0.72 of it against 0.62 with 2.
+# 0.11.2, loss-gradient peaks: counting every chain, a limit of 4 took the reference gpt
+# at remat's budget to 9.05 GB (best prefix by hand) against 10.39 with 2, but the
+# reference mlp at 0.6 of plain's peak to 0.72 of plain's against 0.62 with 2. Counting
+# matmul chains, 2: the gpt's search found 9.36 GB, the mlp 0.62.
 MAX_CHAIN_DEPTH = 2
 MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
@@ -406,8 +407,8 @@ def _hiding_choices(
     # Speed first, chains start from residuals only, and any chain counts toward the
     # depth: the gradient pieces are not tied then (`_rewrite`: ties cost time there),
     # and XLA computed the weight gradients of deeply rebuilt layers last, holding their
-    # activation gradients (reference gpt, H200, jax 0.11.2: 0.93 of plain's temp with
-    # checkpoints and four chains deep, 0.80 without).
+    # activation gradients (reference gpt, H200, jax 0.11.2: "auto" compiled to 0.93 of
+    # plain's temp with checkpoints and four chains deep, 0.78 as here).
     cost = {r.index: chain_seconds(usage, r.index, profile)
             for r in eligible if r.index in usage.chains and r.index not in chosen
             and usage.checkpoints.isdisjoint(usage.chains[r.index].residual_anchors)}  # fmt: skip
