@@ -352,15 +352,16 @@ def run_backward(
     # add per layer (+4.4 ms on the reference mlp, H200) but frees each layer's piece
     # as it is added (-320 MiB there with `policy="all"`).
     sums = gradient_sums(jaxpr) if plan.speed_first else set()
-    # Memory first, with chains: each parameter-gradient piece (a layer's weight or bias
-    # gradient) is tied into the next equation's flowing input, so it is made at once and
-    # the values it reads die. Untied, XLA computed the pieces of rebuilt layers last,
-    # holding every layer's activation gradient until then (reference gpt, its whole
-    # budget order with chains four deep, H200, jax 0.11.2: a 14.8 GB loss-gradient peak
-    # untied, 11.5 tied). Plans that only move are left as they were (bitwise in f32,
-    # and XLA's bf16 rounding unchanged).
-    chains = not plan.speed_first and plan.recompute_s > 0
-    pieces = gradient_pieces(jaxpr) if chains else set()
+    # Memory first, with layers rebuilt from checkpoints: each parameter-gradient piece
+    # (a layer's weight or bias gradient) is tied into the next equation's flowing input,
+    # so it is made at once and the values it reads die. Untied, XLA computed the pieces
+    # of rebuilt layers last, holding every layer's activation gradient until then
+    # (reference gpt, its whole budget order with chains four deep, H200, jax 0.11.2: a
+    # 14.8 GB loss-gradient peak untied, 11.5 tied). Not otherwise: a 16-layer bf16 MLP
+    # whose chains rest on residuals compiled above plain at every budget tied (jax
+    # 0.10.2; 0.79 of plain's peak untied), and plans that only move stay as they were.
+    restarts = any(r.checkpoint and r.read_in_backward for r in plan.residuals)
+    pieces = gradient_pieces(jaxpr) if restarts and not plan.speed_first else set()
     pending: list[Var] = []  # pieces made since the last flowing equation
     late: list[int] = []
     for j, eqn in enumerate(jaxpr.eqns):
