@@ -421,19 +421,37 @@ def test_a_residual_the_backward_never_reads_is_not_moved():
     assert_trees_equal(jax.grad(moved)(w, x), jax.grad(loss)(w, x))
 
 
+def _attention(x, w):
+    """Single-head f32 self-attention, its q, k and v from one product with `w`."""
+    q, k, v = jnp.split(x @ w, 3, axis=-1)
+    probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+    return jnp.einsum("bts,bsd->btd", probs, v)
+
+
+def _four_attention_layers():
+    """Weights of four attention layers (width 32) and a (2, 256, 32) input."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    ws = [jax.random.normal(k, (32, 96)) * 0.1 for k in keys[:4]]
+    return ws, jax.random.normal(keys[4], (2, 256, 32))
+
+
+def _assert_gradients_close(fun, loss, *args):
+    # Forward work run again, as under jax.checkpoint: XLA may fuse (and so round) it
+    # differently from the forward's (jax 0.12, op by op: 2e-7 of the largest entry).
+    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        for a, b in zip(grad(fun)(*args), grad(loss)(*args), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_a_budget_rebuilds_attention_probabilities_by_a_chain():
     # Four f32 attention layers: under a budget, the softmax of q.k^T is rebuilt in the
     # backward from the stored q and k (a chain with a matmul), not moved.
     def loss(ws, x):
         for w in ws:
-            q, k, v = jnp.split(x @ w, 3, axis=-1)
-            probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
-            x = x + jnp.einsum("bts,bsd->btd", probs, v)
+            x = x + _attention(x, w)
         return jnp.sum(x**2)
 
-    keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    ws = [jax.random.normal(k, (32, 96)) * 0.1 for k in keys[:4]]
-    x = jax.random.normal(keys[4], (2, 256, 32))
+    ws, x = _four_attention_layers()
     plain = hetjax.analyze(loss, ws, x, policy="none", min_bytes=0).baseline_peak_bytes
     fun = hetjax.het_offload(loss, min_bytes=0, device_budget=0.5 * plain)
     report = fun.analyze(ws, x)
@@ -441,11 +459,7 @@ def test_a_budget_rebuilds_attention_probabilities_by_a_chain():
     assert rebuilt and report.plan.recompute_s > 0 and report.feasible
     assert report.predicted_peak_bytes <= 0.5 * plain
     assert "recompute" in report.table()
-    # Forward work run again, as under jax.checkpoint: XLA may fuse (and so round) it
-    # differently from the forward's (jax 0.12, op by op: 2e-7 of the largest entry).
-    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
-        for a, b in zip(grad(fun)(ws, x), grad(loss)(ws, x), strict=True):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+    _assert_gradients_close(fun, loss, ws, x)
 
 
 def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
@@ -458,14 +472,10 @@ def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
 
     def loss(ws, x):
         for w in ws:
-            q, k, v = jnp.split(norm(x) @ w, 3, axis=-1)
-            probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
-            x = x + jnp.einsum("bts,bsd->btd", probs, v)
+            x = x + _attention(norm(x), w)
         return jnp.sum(x**2)
 
-    keys = jax.random.split(jax.random.PRNGKey(0), 5)
-    ws = [jax.random.normal(k, (32, 96)) * 0.1 for k in keys[:4]]
-    x = jax.random.normal(keys[4], (2, 256, 32))
+    ws, x = _four_attention_layers()
     none = hetjax.analyze(loss, ws, x, policy="none", min_bytes=0)
     assert not any(r.checkpoint for r in none.residuals)  # stored only where a chain starts
     # Without a budget ("auto" puts speed first), chains start from residuals only.
@@ -485,9 +495,7 @@ def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     assert [r.decision for r in centered[1:3]] == ["recompute"] * 2
     assert report.predicted_peak_bytes < 0.5 * none.baseline_peak_bytes
     assert report.baseline_peak_bytes == none.baseline_peak_bytes  # plain stores none
-    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
-        for a, b in zip(grad(fun)(ws, x), grad(loss)(ws, x), strict=True):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+    _assert_gradients_close(fun, loss, ws, x)
 
 
 def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice():
