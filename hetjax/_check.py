@@ -10,15 +10,18 @@ target or the local GPU, and keeps only plans the compiler confirms:
   `AUTO_SLOWDOWN` of plain's, and, among the prefixes compiled on the way there, the
   one with the lowest compiled peak below plain's. Where none saves memory, it moves
   nothing and says why, once.
-- `policy="all"` never returns a plan whose compiled peak exceeds plain's: it moves
-  nothing instead, and says why, once (a callable policy is the user's own choice,
-  and is not checked);
+- `policy="all"` never returns a plan whose compiled peak exceeds plain's. Where moving
+  every residual does, it moves what XLA rebuilds them from instead, rebuilding every
+  chain without a matmul (`_plan.rebuild_choices`); where that does too, it moves
+  nothing, and says why, once (a callable policy is the user's own choice, and is not
+  checked);
 - with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
   gradient computation). Where the plan "auto" takes without a budget compiles to at
   most B, it is kept: it costs at most 5% of the step time. Else the planner's greedy
   order of choices (moves, and chains recomputed where that is cheaper than moving) is
   searched by bisection for the shortest prefix that compiles to at most B (see
-  `_bisect`); where none does, the lowest peak found is kept.
+  `_bisect`); where none does, `rebuild_choices` (with and without moves) is compiled
+  too, and the fastest plan within `NEAR_PEAK` of the lowest peak found is kept.
 
 Compiled peaks are cached by the program, its input shapes, the plan's decisions and
 the target: a program traced again does not compile again.
@@ -38,7 +41,7 @@ import numpy as np
 
 from ._compat import eval_jaxpr
 from ._compile import CompiledMemory, compile_for
-from ._plan import Plan, budget_order, hiding_order, make_plan, warn_once
+from ._plan import Plan, budget_order, hiding_order, make_plan, rebuild_choices, warn_once
 from ._rewrite import offloaded_call
 from ._simulate import StepEstimate, simulate_step
 from ._step import StepProgram, run_step
@@ -166,6 +169,15 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         return lambda k: make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
                                    speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
 
+    def step_ms_of(plan: Plan) -> float | None:
+        return plain_ms if plan is unchanged else compiled(plan)[1]
+
+    def rebuilt(move: bool) -> tuple[Plan, int]:
+        choices = rebuild_choices(usage, min_bytes, profile, move)
+        plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
+                         speed_first=False, choices=choices)  # fmt: skip
+        return plan, peak(plan)
+
     def fastest_saving() -> tuple[Plan, int]:
         """ "auto" without a budget: `unchanged` where nothing saves memory in time."""
         limit = plain_ms * (1 + AUTO_SLOWDOWN)
@@ -191,6 +203,9 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     elif budget is None or policy == "all":
         plan = make_plan(usage, policy, min_bytes=min_bytes, profile=profile)
         planned = peak(plan)
+        if planned > plain and policy == "all":
+            # Moving what XLA would rebuild forces it to exist: move what it rebuilds from.
+            plan, planned = min((plan, planned), rebuilt(move=True), key=lambda c: c[1])
         if planned > plain:
             warn_once(
                 f"hetjax: policy={policy!r} moves nothing here: its plan compiles to a peak "
@@ -208,13 +223,20 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             order = budget_order(usage, min_bytes, profile)
             best = _bisect(prefix_of(order), len(order), compiled, budget, (unchanged, plain))
             plan, planned = min(best, fast, key=lambda c: c[1])
+            if planned > budget:  # the greedy order fell short: try no-matmul rebuilds
+                found = [(plan, planned), rebuilt(move=False), rebuilt(move=True)]
+                lowest = min(p for _, p in found)
+                plan, planned = min(
+                    (c for c in found if c[1] <= lowest * (1 + NEAR_PEAK)),
+                    key=lambda c: (step_ms_of(c[0]) or np.inf, c[1]),
+                )
         if planned > budget:
             warn_once(
                 f"hetjax: device_budget={budget:,.0f} bytes cannot be met for {where}: the "
                 f"best plan found compiles to a peak of {planned:,} bytes ({plain:,} "
                 f"without hetjax)."
             )
-    step_ms = plain_ms if plan is unchanged else compiled(plan)[1]
+    step_ms = step_ms_of(plan)
     return dataclasses.replace(
         plan, policy=policy, device_budget=budget, checked_by=where,
         compiled_plain_peak_bytes=plain, compiled_peak_bytes=planned,

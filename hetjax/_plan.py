@@ -17,7 +17,8 @@ the cost model. It has two modes:
 - with no budget (no-slowdown): move the residuals, biggest idle bytes first, whose
   copies the cost model says hide under compute, then rebuild by chains, cheapest per
   byte freed first, within the same allowance (1% of the step).
-`policy="all"` and a callable policy move; they rebuild no chain.
+`policy="all"` and a callable policy move; they rebuild no chain (but see
+`rebuild_choices`, which `_check` tries where the greedy orders fall short).
 
 This stage rests on the memory model alone; `_check` holds its plans against a compiler
 where there is one (`budget_order` and `hiding_order` are the orders it searches).
@@ -27,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ._compat import sub_jaxprs
 from ._cost import DeviceProfile, eqn_seconds, jaxpr_seconds
 from ._memory import plan_timeline
+from ._trace import runs_a_matmul
 from ._usage import Decision, ResidualUsage, Usage
 
 Policy = str | Callable[[ResidualUsage], bool]
@@ -59,7 +60,6 @@ IN_FLIGHT_FOR_SPEED = 2
 # reference mlp at 0.6 of plain's peak to 0.72 of plain's against 0.62 with 2. Counting
 # matmul chains, 2: the gpt's search found 9.36 GB, the mlp 0.62.
 MAX_CHAIN_DEPTH = 2
-MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
 
 class HetjaxWarning(UserWarning):
@@ -267,6 +267,26 @@ def budget_order(
     return _greedy_choices(usage, eligible, -np.inf, evaluate, profile)
 
 
+def rebuild_choices(
+    usage: Usage, min_bytes: int, profile: DeviceProfile | None = None, move: bool = False
+) -> dict[int, Decision]:
+    """Every residual whose chain runs no matmul rebuilt from stored values (from matmul
+    outputs, where those are checkpoints: what `jax.checkpoint`'s `dots_saveable` keeps),
+    and with `move`, every other residual the budget mode may choose moved. No flops
+    beyond plain's. The compile check tries it where its greedy orders fall short: XLA
+    already rebuilds much of what the memory model counts as stored (the reference cnn's
+    f32 batch-norm values), so those orders free bytes that were never held."""
+    _, _, eligible, _ = _choices(usage, "auto", min_bytes, profile)
+    chosen: dict[int, Decision] = {
+        r.index: "recompute"
+        for r in eligible
+        if r.index in usage.chains and not _matmul_in(usage, r.index)
+    }
+    if move:
+        chosen |= {r.index: "offload" for r in eligible if r.offloadable and r.index not in chosen}
+    return chosen
+
+
 def _choices(
     usage: Usage,
     policy: Policy,
@@ -364,14 +384,7 @@ def _chain_allowed(
 
 def _matmul_in(usage: Usage, k: int) -> bool:
     """Whether residual `k`'s chain runs a matmul (or a convolution), nested ones too."""
-
-    def any_matmul(eqns: Sequence[Any]) -> bool:
-        return any(
-            e.primitive.name in MATMUL_PRIMITIVES or any(any_matmul(j.eqns) for j in sub_jaxprs(e))
-            for e in eqns
-        )
-
-    return any_matmul(_chain_eqns(usage, k)[0])
+    return runs_a_matmul(_chain_eqns(usage, k)[0])
 
 
 def _no_slowdown(

@@ -114,12 +114,20 @@ def trace_vjp(primal: Jaxpr | ClosedJaxpr, in_avals: Sequence[Any]) -> VjpProgra
 # chain may hold (`_usage.MAX_CHAIN_EQNS`): a shorter-lived value (a norm's mean, the
 # masked attention scores) would stop chains that do better from stored residuals.
 MIN_CHECKPOINT_SPAN = 32
+MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+# A convolution's output that the forward widens (bf16 into its f32 batch norm) may be a
+# checkpoint however short-lived: the f32 values the backward saves from it rebuild from
+# half their bytes, with no matmul. On the reference cnn, XLA keeps the bf16 convolution
+# outputs, not the f32 residuals JAX names. Not a dot_general's: the reference gpt's
+# bf16 logits would stop the chain that rebuilds its f32 logits from the layers' output
+# (`policy="auto"`: 0.87 of plain's loss-gradient peak against 0.82, H200, jax 0.11.2).
+WIDENED_CHECKPOINT_PRIMITIVES = frozenset({"conv_general_dilated"})
 
 
 def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     """The forward values `with_checkpoints` adds: float arrays on device, neither inputs,
     outputs nor residuals, whose last forward reader comes at least `MIN_CHECKPOINT_SPAN`
-    equations after their producer."""
+    equations after their producer, or which are convolution outputs the forward widens."""
     # TODO: top-level values only. A scan's carry (the gpt_scan's layer input) would
     # need the forward body to emit it as a stacked output, sliced like the scan's own
     # residuals; and the step form (`_step`) has no checkpoints yet.
@@ -127,16 +135,43 @@ def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     taken = {v for v in fwd.outvars if isinstance(v, Var)}
     made: dict[Var, int] = {}
     last: dict[Var, int] = {}
+    widened: set[Var] = set()
     for i, eqn in enumerate(fwd.eqns):
         for v in eqn.invars:
             if isinstance(v, Var):
                 last[v] = i
+        if eqn.primitive.name == "convert_element_type" and _widens(eqn):
+            widened.update(v for v in eqn.invars if isinstance(v, Var))
         made.update((v, i) for v in eqn.outvars)
+    convolved = {
+        v
+        for eqn in fwd.eqns
+        if eqn.primitive.name in WIDENED_CHECKPOINT_PRIMITIVES
+        for v in eqn.outvars
+    }
     return [
         v for v, i in made.items()
-        if v not in taken and last.get(v, i) - i >= MIN_CHECKPOINT_SPAN and v.aval.shape
-        and jnp.issubdtype(v.aval.dtype, jnp.inexact) and not on_host(v.aval)
+        if v not in taken and v.aval.shape and not on_host(v.aval)
+        and jnp.issubdtype(v.aval.dtype, jnp.inexact)
+        and (last.get(v, i) - i >= MIN_CHECKPOINT_SPAN or v in convolved & widened)
     ]  # fmt: skip
+
+
+def runs_a_matmul(eqns: Sequence[Any]) -> bool:
+    """Whether `eqns` run a matmul (or a convolution), nested ones too."""
+    return any(
+        e.primitive.name in MATMUL_PRIMITIVES or any(runs_a_matmul(j.eqns) for j in sub_jaxprs(e))
+        for e in eqns
+    )
+
+
+def _widens(eqn: Any) -> bool:
+    """Whether a `convert_element_type` makes a float wider (bf16 to f32)."""
+    (x,), (y,) = eqn.invars, eqn.outvars
+    return (
+        jnp.issubdtype(x.aval.dtype, jnp.floating) and jnp.issubdtype(y.aval.dtype, jnp.floating)
+        and jnp.dtype(y.aval.dtype).itemsize > jnp.dtype(x.aval.dtype).itemsize
+    )  # fmt: skip
 
 
 def with_checkpoints(

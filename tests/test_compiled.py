@@ -399,6 +399,49 @@ def test_policy_all_never_compiles_above_plain_either() -> None:
     assert report.compiled.planned.peak_bytes == report.compiled.plain.peak_bytes
 
 
+def conv_bn_layers(ws: list, x: jax.Array) -> jax.Array:
+    """bf16 convolutions, each into a batch norm in f32 with the batch's statistics and a
+    relu: JAX saves the f32 normalized values, XLA keeps the bf16 convolution outputs."""
+    for w in ws:
+        y = lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        h = y.astype(jnp.float32) - y.astype(jnp.float32).mean((0, 1, 2))
+        x = jax.nn.relu(h * lax.rsqrt((h**2).mean((0, 1, 2)) + 1e-5)).astype(x.dtype)
+    return jnp.mean(x.astype(jnp.float32) ** 2)
+
+
+def test_policy_all_moves_the_convolution_outputs_batch_norms_rebuild_from() -> None:
+    ws, x = [spec((3, 3, 64, 64), jnp.float32)] * 4, spec((32, 32, 32, 64))
+    unchecked = hetjax.analyze(conv_bn_layers, ws, x, policy=EVERY, target="h200").compiled
+    # Moving JAX's f32 residuals forces them to exist (jax 0.11.2: 1.35x plain's peak).
+    assert unchecked.planned.peak_bytes > unchecked.plain.peak_bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hetjax.HetjaxWarning)
+        report = hetjax.analyze(conv_bn_layers, ws, x, policy="all", target="h200")
+    moved = [r for r in report.residuals if r.decision == "offload"]
+    assert moved and all(r.checkpoint and r.primitive == "conv_general_dilated" for r in moved)
+    assert report.moved_bytes == sum(r.nbytes for r in moved) == 4 * 32 * 32 * 32 * 64 * 2
+    # jax 0.11.2: 0.91 of plain's peak, at plain's matmul flops.
+    compiled = report.compiled
+    assert compiled.planned.peak_bytes < 0.95 * compiled.plain.peak_bytes
+    assert compiled.planned_step.matmul_flops == compiled.plain_step.matmul_flops
+    # The gradients, on CPU: within the rounding XLA's own choices make here (bf16
+    # convolutions whose f32 use XLA may take at more than bf16 precision: plain's jit
+    # against op by op, 4.2e-2 relative; hetjax's jit against plain's, 3.2e-2).
+    keys = jax.random.split(jax.random.key(0), len(ws) + 1)
+    wv = [0.1 * jax.random.normal(k, w.shape) for k, w in zip(keys, ws, strict=False)]
+    xv = jax.random.normal(keys[-1], x.shape).astype(x.dtype)
+    plain = jax.jit(jax.grad(conv_bn_layers))(wv, xv)
+    het = jax.jit(jax.grad(hetjax.het_offload(conv_bn_layers, policy="all", target="h200")))
+    assert _relative(het(wv, xv), plain) <= 2 * _relative(jax.grad(conv_bn_layers)(wv, xv), plain)
+
+
+def _relative(a: list, b: list) -> float:
+    """The relative error of the gradients `a` against `b`, over all of them."""
+    err = sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(a, b, strict=True))
+    return (err / sum(float(jnp.sum(y**2)) for y in b)) ** 0.5
+
+
 # As losses, XLA leaves out a few planned moves of these (attention: one f32[2,16,32]
 # and one f32[2,16,1] of its layer norms, most likely equal values it merges;
 # control_flow: one f32[8,32], with jax 0.10.2 and 0.11.2). Not investigated: fewer
@@ -450,14 +493,13 @@ def test_a_budget_rebuilds_layers_from_their_checkpoints() -> None:
     budget = 0.5 * plain.plain.peak_bytes
     with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
         report = hetjax.analyze(prenorm_layers, ws, x, device_budget=budget, target="h200")
-    # Chains start from the stored stream: the best plan found stores checkpoints (on
-    # host: 2 MiB, all it moves) and rebuilds the layers from them (jax 0.11.2: 0.73 of
-    # plain's peak at 1.5x its matmul flops; before checkpoints, 0.85, moving 4 MiB).
+    # Chains start from the stored stream: the best plan found stores checkpoints and
+    # rebuilds the norms from them (jax 0.11.2: 0.68 of plain's peak, every chain without
+    # a matmul rebuilt and the rest moved, 36 MiB; the greedy order alone, 0.73 at 1.5x
+    # plain's matmul flops; before checkpoints, 0.85).
     stored = [r for r in report.residuals if r.checkpoint and r.read_in_backward]
-    assert stored and report.moved_bytes <= sum(r.nbytes for r in stored)
-    compiled = report.compiled
-    assert compiled.planned.peak_bytes < 0.8 * plain.plain.peak_bytes
-    assert compiled.planned_step.matmul_flops > compiled.plain_step.matmul_flops
+    assert stored and all(r.decision in ("keep", "offload") for r in stored)
+    assert report.compiled.planned.peak_bytes < 0.8 * plain.plain.peak_bytes
 
 
 def attention_layers(ws: list, x: jax.Array) -> jax.Array:
