@@ -333,11 +333,12 @@ def run_backward(
         if k not in value:  # recompute from inputs and other residuals
             recipe = usage.recipe_of(k)
             fwd = program.forward.jaxpr
-            if is_forced(recipe, fwd.eqns, decision) and not plan.speed_first:
+            forced = is_forced(recipe, fwd.eqns, decision)
+            if forced and not plan.speed_first:
                 recipe = from_stored(usage, recipe, stored_here, fwd.eqns, decision)
             anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
             anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
-            after = recent[0] if is_forced(recipe, fwd.eqns, decision) else None
+            after = recent[0] if forced else None
             value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, after)
         return value[k]
 

@@ -118,9 +118,9 @@ MATMUL_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 # A convolution's output that the forward widens (bf16 into its f32 batch norm) may be a
 # checkpoint however short-lived: the f32 values the backward saves from it rebuild from
 # half their bytes, with no matmul. On the reference cnn, XLA keeps the bf16 convolution
-# outputs, not the f32 residuals JAX names. Not a dot_general's: the reference gpt's
-# bf16 logits would stop the chain that rebuilds its f32 logits from the layers' output
-# (`policy="auto"`: 0.87 of plain's loss-gradient peak against 0.82, H200, jax 0.11.2).
+# outputs, not the f32 residuals JAX names. Not a dot_general's (the reference gpt's
+# bf16 logits would stop the chain that rebuilds its f32 logits from the layers' output);
+# TODO: measure that case before widening this.
 WIDENED_CHECKPOINT_PRIMITIVES = frozenset({"conv_general_dilated"})
 
 
