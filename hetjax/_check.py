@@ -172,11 +172,14 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     def step_ms_of(plan: Plan) -> float | None:
         return plain_ms if plan is unchanged else compiled(plan)[1]
 
-    def rebuilt(move: bool) -> tuple[Plan, int]:
+    def rebuilt(move: bool) -> list[tuple[Plan, int]]:
+        """`rebuild_choices`' plan and its peak; none where it chooses nothing."""
         choices = rebuild_choices(usage, min_bytes, profile, move)
+        if not choices:
+            return []
         plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
                          speed_first=False, choices=choices)  # fmt: skip
-        return plan, peak(plan)
+        return [(plan, peak(plan))]
 
     def fastest_saving() -> tuple[Plan, int]:
         """ "auto" without a budget: `unchanged` where nothing saves memory in time."""
@@ -205,7 +208,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         planned = peak(plan)
         if planned > plain and policy == "all":
             # Moving what XLA would rebuild forces it to exist: move what it rebuilds from.
-            plan, planned = min((plan, planned), rebuilt(move=True), key=lambda c: c[1])
+            plan, planned = min([(plan, planned), *rebuilt(move=True)], key=lambda c: c[1])
         if planned > plain:
             warn_once(
                 f"hetjax: policy={policy!r} moves nothing here: its plan compiles to a peak "
@@ -224,7 +227,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             best = _bisect(prefix_of(order), len(order), compiled, budget, (unchanged, plain))
             plan, planned = min(best, fast, key=lambda c: c[1])
             if planned > budget:  # the greedy order fell short: try no-matmul rebuilds
-                found = [(plan, planned), rebuilt(move=False), rebuilt(move=True)]
+                found = [(plan, planned), *rebuilt(move=False), *rebuilt(move=True)]
                 lowest = min(p for _, p in found)
                 plan, planned = min(
                     (c for c in found if c[1] <= lowest * (1 + NEAR_PEAK)),

@@ -136,19 +136,16 @@ def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     made: dict[Var, int] = {}
     last: dict[Var, int] = {}
     widened: set[Var] = set()
+    convolved: set[Var] = set()
     for i, eqn in enumerate(fwd.eqns):
         for v in eqn.invars:
             if isinstance(v, Var):
                 last[v] = i
         if eqn.primitive.name == "convert_element_type" and _widens(eqn):
             widened.update(v for v in eqn.invars if isinstance(v, Var))
+        if eqn.primitive.name in WIDENED_CHECKPOINT_PRIMITIVES:
+            convolved.update(eqn.outvars)
         made.update((v, i) for v in eqn.outvars)
-    convolved = {
-        v
-        for eqn in fwd.eqns
-        if eqn.primitive.name in WIDENED_CHECKPOINT_PRIMITIVES
-        for v in eqn.outvars
-    }
     return [
         v for v, i in made.items()
         if v not in taken and v.aval.shape and not on_host(v.aval)
