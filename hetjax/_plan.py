@@ -125,6 +125,9 @@ class Plan:
     predicted_step_ms: float | None = None
     # The cost model's time for the chains the plan recomputes (`Usage.chains`).
     recompute_s: float = 0.0
+    # The check's cost: compiles made (cached ones not counted) and its wall time.
+    check_compiles: int = 0
+    check_seconds: float = 0.0
 
     @property
     def offloaded(self) -> tuple[ResidualUsage, ...]:

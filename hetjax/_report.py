@@ -8,10 +8,17 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from ._api import het_offload, usage_and_plan
-from ._check import CHECKED_POLICIES, CompiledComparison, checks_against, compile_both
+from ._check import (
+    CHECKED_POLICIES,
+    CompiledComparison,
+    check_target,
+    checks_against,
+    compile_both,
+)
 from ._cost import DeviceProfile
 from ._plan import Plan, Policy, check_options
 from ._step import StepProgram
@@ -129,7 +136,8 @@ class Report:
         """The compiled figures beside the predictions, or why there are none."""
         p, c = self.plan, self.compiled
         if p.checked_by is not None:
-            check = [f"plan checked against {p.checked_by}: compiled peak "
+            check = [f"plan checked against {p.checked_by} ({p.check_compiles} compiles, "
+                     f"{p.check_seconds:.1f} s): compiled peak "
                      f"{p.compiled_plain_peak_bytes / 2**20:.2f} MiB without it -> "
                      f"{p.compiled_peak_bytes / 2**20:.2f} MiB with it"]  # fmt: skip
         elif p.policy in CHECKED_POLICIES:
@@ -206,4 +214,6 @@ def analyze(
         return Report(plan)
     planned = fun if policy == "none" else het_offload(fun, **options)
     is_step = isinstance(usage.program, StepProgram)
+    arrays = [x for x in jax.tree.leaves((args, kwargs)) if hasattr(x, "dtype")]
+    _, target = check_target(arrays, target)  # a sharded program: per device
     return Report(plan, lambda: compile_both(fun, planned, is_step, target, args, kwargs))

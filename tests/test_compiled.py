@@ -9,6 +9,7 @@ each compile takes about a second.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import re
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, reshard
 from jax.sharding import PartitionSpec as P
 from lowering import HOST, host_ops_in_loops
 from models import MODELS
@@ -203,6 +204,41 @@ def test_a_sharded_step_on_eight_gpus_keeps_collectives_and_per_device_bytes() -
     assert memory["hetjax"].peak_bytes < memory["plain"].peak_bytes
 
 
+@pytest.mark.parametrize("axes", [AxisType.Explicit, AxisType.Auto])
+def test_a_sharded_program_is_checked_per_device(axes: AxisType) -> None:
+    """Inputs sharded over a 4 x 2 mesh: the plan is checked against eight H200s, one
+    device's peak against one device's peak. Under `jax.jit` the check sees the shardings
+    only with `Explicit` axes (in the tracers' types); with `Auto` axes, `analyze` (and an
+    unjitted call) sees the arguments' own."""
+    mesh = Mesh(np.array(hetjax.target_devices("h200x8")).reshape(4, 2), ("data", "model"),
+                axis_types=(axes, axes))  # fmt: skip
+    ws = [spec((1024, 1024), sharding=NamedSharding(mesh, P(None, "model")))] * 4
+    x = spec((8192, 1024), sharding=NamedSharding(mesh, P("data", None)))
+    explicit = axes == AxisType.Explicit
+
+    def layers(ws: list, x: jax.Array) -> jax.Array:
+        for w in ws:
+            x = jnp.tanh(x @ w)
+            x = reshard(x, P("data", None)) if explicit else x
+        return jnp.mean(x.astype(jnp.float32) ** 2)
+
+    with jax.set_mesh(mesh) if explicit else contextlib.nullcontext(), warnings.catch_warnings():
+        # With Auto axes (jax 0.11.2), moving every residual compiles 5 KiB above plain
+        # on each device: "all" moves nothing, and says so.
+        warnings.simplefilter("ignore", hetjax.HetjaxWarning)
+        report = hetjax.analyze(layers, ws, x, policy="all", target="h200")
+        assert report.plan.checked_by == "h200x8"
+        one_device = report.compiled.plain.argument_bytes
+        assert one_device == (4 * 1024 * 1024 // 2 + 8192 * 1024 // 4) * 2  # shards
+        assert report.compiled.planned.peak_bytes <= report.compiled.plain.peak_bytes
+        if explicit:  # under jit too, per device: never above plain
+            plain = hetjax.compiled_memory(jax.value_and_grad(layers), ws, x, target="h200x8")
+            for policy in ("all", "auto"):
+                loss = hetjax.het_offload(layers, policy=policy, target="h200")
+                ours = hetjax.compiled_memory(jax.value_and_grad(loss), ws, x, target="h200x8")
+                assert ours.peak_bytes <= plain.peak_bytes, policy
+
+
 def test_compiled_memory_of_a_jitted_function_keeps_its_donation() -> None:
     def update(w: jax.Array, g: jax.Array) -> jax.Array:
         return w - 0.1 * g
@@ -304,12 +340,15 @@ def test_checked_compiles_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     ws = [spec((256, 256)) for _ in range(3)]
     x = spec((512, 256))
     with pytest.warns(hetjax.HetjaxWarning, match="policy='auto' moves nothing here"):
-        hetjax.analyze(mlp, ws, x, min_bytes=0, target="h100_sxm")
+        report = hetjax.analyze(mlp, ws, x, min_bytes=0, target="h100_sxm")
     first = count[0]
     assert first >= 2  # without a plan, and at least one plan
+    assert report.plan.check_compiles == first and report.plan.check_seconds > 0
     loss = hetjax.het_offload(mlp, min_bytes=0, target="h100_sxm")
     jax.jit(jax.grad(loss)).trace(ws, x)  # traced again, at run time: no compile
     assert count[0] == first
+    assert loss.analyze(ws, x).plan.check_compiles == 0
+    assert f"h100_sxm ({first} compiles, " in report.table()  # (compiles the comparison)
 
 
 def test_auto_keeps_the_lowest_peak_within_the_time_limit() -> None:
