@@ -85,7 +85,9 @@ def het_offload(
       profile: the `DeviceProfile` used for timing; defaults per platform.
       target: the GPU compiler `"auto"` and `"all"` check their plan against, and that
         `.analyze` reports the figures of (`hetjax.target_names()`, `"h200x8"`, or a
-        description file); None: the local GPU, if any.
+        description file); None: the local GPU, if any. Inputs sharded over a mesh of n
+        devices (`Explicit` axes, or sharded arguments outside `jax.jit`) are checked per
+        device, on n of the target's GPUs.
 
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
