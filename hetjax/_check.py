@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._compat import eval_jaxpr
+from ._compat import Tracer, eval_jaxpr
 from ._compile import CompiledMemory, compile_for
 from ._plan import Plan, budget_order, hiding_order, make_plan, rebuild_choices, warn_once
 from ._rewrite import offloaded_call
@@ -118,7 +118,7 @@ def _mesh_sharding(x: Any) -> NamedSharding | None:
     """`x`'s sharding over a mesh of several devices, where it is known: an array's or a
     `ShapeDtypeStruct`'s, or a tracer's under `Explicit` mesh axes (its type's sharding
     names an abstract mesh: the check lays it over the target's devices)."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         sharding = jax.typeof(x).sharding
         mesh = getattr(sharding, "mesh", None)
         explicit = mesh is not None and any(
