@@ -95,6 +95,13 @@ def check_target(
     """
     shardings = [_mesh_sharding(x) for x in inputs]
     meshes = {s.mesh for s in shardings if s is not None}
+    if not meshes and any(_on_auto_mesh(x) for x in inputs):
+        warn_once(
+            "hetjax: the inputs are sharded over a mesh with Auto axes, whose shardings "
+            "are not known while tracing: the plan is checked unsharded, on one device, "
+            "and may need more memory per device than plain. Explicit mesh axes "
+            "(jax.sharding.AxisType.Explicit) let it be checked per device."
+        )
     count = 1 if target is None else parse_target(target)[1]
     if len(meshes) != 1 or count not in (1, next(iter(meshes)).size):
         return [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in inputs], target
@@ -112,6 +119,16 @@ def check_target(
         for x, s in zip(inputs, shardings, strict=True)
     ]
     return avals, target
+
+
+def _on_auto_mesh(x: Any) -> bool:
+    """Whether `x` is a tracer on a mesh of several devices whose axes are all Auto."""
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None) if isinstance(x, Tracer) else None
+    return (
+        mesh is not None
+        and mesh.size > 1
+        and all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    )
 
 
 def _mesh_sharding(x: Any) -> NamedSharding | None:

@@ -209,7 +209,8 @@ def test_a_sharded_program_is_checked_per_device(axes: AxisType) -> None:
     """Inputs sharded over a 4 x 2 mesh: the plan is checked against eight H200s, one
     device's peak against one device's peak. Under `jax.jit` the check sees the shardings
     only with `Explicit` axes (in the tracers' types); with `Auto` axes, `analyze` (and an
-    unjitted call) sees the arguments' own."""
+    unjitted call) sees the arguments' own, and under `jax.jit` one warning says the check
+    is unsharded."""
     mesh = Mesh(np.array(hetjax.target_devices("h200x8")).reshape(4, 2), ("data", "model"),
                 axis_types=(axes, axes))  # fmt: skip
     ws = [spec((1024, 1024), sharding=NamedSharding(mesh, P(None, "model")))] * 4
@@ -222,6 +223,13 @@ def test_a_sharded_program_is_checked_per_device(axes: AxisType) -> None:
             x = reshard(x, P("data", None)) if explicit else x
         return jnp.mean(x.astype(jnp.float32) ** 2)
 
+    if not explicit:  # under jit, the check cannot see Auto axes' shardings, and says so
+        loss = hetjax.het_offload(layers, policy="auto", target="h200")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", hetjax.HetjaxWarning)
+            hetjax.compile_for(jax.value_and_grad(loss), ws, x, target="h200x8")
+        said = [str(w.message) for w in caught if "Auto axes" in str(w.message)]
+        assert len(said) == 1 and "checked unsharded, on one device" in said[0]
     with jax.set_mesh(mesh) if explicit else contextlib.nullcontext(), warnings.catch_warnings():
         # With Auto axes (jax 0.11.2), moving every residual compiles 5 KiB above plain
         # on each device: "all" moves nothing, and says so.
