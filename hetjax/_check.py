@@ -89,9 +89,10 @@ def check_target(
     a target of one GPU becomes n of them ("h200" -> "h200x8"), so that the check
     compares the peaks of one device of the sharded program: on a 4 x 2 (data, model)
     mesh of H200s, a plan that saved 8% of the unsharded program's peak added 14% to
-    each device's (an 8-layer 4096-wide bf16 MLP on 32,768 rows, jax 0.11.2). Anything
-    else, tracers under `jax.jit` included (their shardings are not known while
-    tracing), is checked unsharded on one device.
+    each device's (an 8-layer 4096-wide bf16 MLP on 32,768 rows, jax 0.11.2). Tracers
+    carry their shardings only under `Explicit` axes; with `Auto` axes (under `jax.jit`
+    the partitioner picks shardings later) the check is unsharded, on one device, and
+    one warning says so. Anything else is checked unsharded on one device.
     """
     shardings = [_mesh_sharding(x) for x in inputs]
     meshes = {s.mesh for s in shardings if s is not None}
@@ -121,9 +122,14 @@ def check_target(
     return avals, target
 
 
+def _tracer_mesh(x: Any) -> Any:
+    """The (abstract) mesh in a tracer's type; None for anything else."""
+    return getattr(jax.typeof(x).sharding, "mesh", None) if isinstance(x, Tracer) else None
+
+
 def _on_auto_mesh(x: Any) -> bool:
     """Whether `x` is a tracer on a mesh of several devices whose axes are all Auto."""
-    mesh = getattr(jax.typeof(x).sharding, "mesh", None) if isinstance(x, Tracer) else None
+    mesh = _tracer_mesh(x)
     return (
         mesh is not None
         and mesh.size > 1
@@ -136,12 +142,11 @@ def _mesh_sharding(x: Any) -> NamedSharding | None:
     `ShapeDtypeStruct`'s, or a tracer's under `Explicit` mesh axes (its type's sharding
     names an abstract mesh: the check lays it over the target's devices)."""
     if isinstance(x, Tracer):
-        sharding = jax.typeof(x).sharding
-        mesh = getattr(sharding, "mesh", None)
+        mesh = _tracer_mesh(x)
         explicit = mesh is not None and any(
             t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
         )
-        return sharding if explicit and mesh.size > 1 else None
+        return jax.typeof(x).sharding if explicit and mesh.size > 1 else None
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
         return sharding
