@@ -62,8 +62,40 @@ def residual_intervals(r: ResidualUsage) -> list[Interval]:
 
 
 def plan_timeline(usage: Usage, residuals: Iterable[ResidualUsage]) -> np.ndarray:
-    """Device bytes at each position when the residuals follow their decisions."""
+    """Device bytes at each position when the residuals follow their decisions.
+
+    A residual XLA rebuilds in the backward's kernels (`Usage.fused`) holds no bytes of
+    its own where the plan keeps it (or rebuilds it from residuals alone); its stored
+    sources stay live until its last backward reader instead.
+    """
+    records = {r.index: r for r in residuals}
+    on_device = {k for k, r in records.items() if r.decision == "keep" and r.memory == "device"}
     intervals = [*usage.buffers]
-    for r in residuals:
-        intervals.extend(residual_intervals(r))
+    need: dict[int, int] = {}  # stored forward values kept for fused residuals, by key
+    size_and_end: dict[int, tuple[int, int]] = {}
+    residual_need: dict[int, int] = {}
+    for r in records.values():
+        fused = usage.fused.get(r.index)
+        rebuilt = (
+            fused is not None
+            and set(fused.residuals) <= on_device
+            and (r.decision == "keep" or (r.decision == "recompute" and not fused.values))
+        )
+        if not rebuilt:
+            intervals.extend(residual_intervals(r))
+            continue
+        if r.decision == "recompute":  # made in the forward, rebuilt in the readers
+            intervals.append((r.nbytes, r.produced_at, r.last_forward_use))
+        for key, (size, _, last_forward_use) in fused.values:
+            need[key] = max(need.get(key, -1), r.last_backward_use)
+            size_and_end[key] = (size, last_forward_use)
+        for k in fused.residuals:
+            residual_need[k] = max(residual_need.get(k, -1), r.last_backward_use)
+    for key, until in need.items():
+        size, last_forward_use = size_and_end[key]
+        intervals.append((size, last_forward_use + 1, until))
+    for k, until in residual_need.items():
+        r = records[k]
+        if not r.is_input:
+            intervals.append((r.nbytes, r.last_backward_use + 1, until))
     return memory_timeline(len(usage.eqns), intervals)

@@ -26,6 +26,7 @@ from ._compat import (
     read_atom,
     sub_jaxprs,
 )
+from ._fusion import absorbs, fused_sources, stored_intervals
 from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
@@ -151,13 +152,22 @@ def step_usage(program: StepProgram) -> Usage:
         input_index=input_index,
     )
     records = with_slice_recipes(records, recipes, **scans)
+    last = {v: u[-1] for v, u in uses.items()}
+    fused = {}
+    for k, v in enumerate(residual_vars):
+        read_by = [jaxpr.eqns[i] for i in uses[v] if backward[i]]
+        if v not in jaxpr.outvars and all(absorbs(e) for e in read_by):
+            sources = fused_sources(jaxpr, v, producer, last, input_index, residual_of)
+            if sources is not None:
+                fused[k] = sources
     return Usage(
         program=program,
         residuals=tuple(records),
         recipes=recipes,
         eqns=tuple(jaxpr.eqns),
         boundary=boundary,
-        buffers=_step_buffers(jaxpr, set(program.residual_vars), uses),
+        buffers=_step_buffers(jaxpr, set(program.residual_vars), last),
+        fused=fused,
         chains={
             **chains_of(records, jaxpr, producer, input_index, residual_vars),
             **slice_recipes(records, recipes, **scans, find=chain_for),
@@ -165,15 +175,14 @@ def step_usage(program: StepProgram) -> Usage:
     )
 
 
-def _step_buffers(jaxpr: Jaxpr, residuals: set, uses: dict) -> tuple[tuple[int, int, int], ...]:
-    """Device intervals `(nbytes, first, last)` of the step's values other than residuals."""
+def _step_buffers(jaxpr: Jaxpr, residuals: set, last: dict) -> tuple[tuple[int, int, int], ...]:
+    """Device intervals `(nbytes, first, last)` of the step's values other than residuals,
+    as XLA stores them (`_fusion.stored_intervals`)."""
     end = len(jaxpr.eqns)
-    last = {v: u[-1] for v, u in uses.items()}
-    last.update((v, end) for v in jaxpr.outvars if isinstance(v, Var))
+    last = {**last, **{v: end for v in jaxpr.outvars if isinstance(v, Var)}}
     out = [(nbytes(v.aval), -1, end) for v in (*jaxpr.constvars, *jaxpr.invars)]
-    for i, eqn in enumerate(jaxpr.eqns):
-        out += [(nbytes(v.aval), i, last.get(v, i)) for v in eqn.outvars if v not in residuals]
-    return tuple(out)
+    outputs = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    return (*out, *stored_intervals(jaxpr.eqns, 0, {}, last, outputs, residuals))
 
 
 def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:

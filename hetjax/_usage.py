@@ -11,7 +11,6 @@ import functools
 from typing import Any, Literal
 
 from ._compat import (
-    VERSION_ELEMENTWISE,
     Var,
     is_extended,
     nbytes,
@@ -21,23 +20,18 @@ from ._compat import (
     sub_jaxprs,
     used_inputs,
 )
+from ._fusion import (
+    CHEAP_PRIMITIVES,
+    VIEW_PRIMITIVES,
+    FusedSources,
+    absorbs,
+    fused_sources,
+    stored_intervals,
+)
 from ._trace import VjpProgram
 
 Decision = Literal["keep", "offload", "recompute"]
 
-# Primitives whose output is a view of, or a cheap elementwise function of, their
-# inputs. A residual built only from these (and from values available in the
-# backward anyway) is recomputed there instead of stored (GPU_FINDINGS.md, item 3).
-VIEW_PRIMITIVES = frozenset(
-    """slice squeeze reshape transpose broadcast_in_dim convert_element_type
-    expand_dims dynamic_slice copy copy_p rev reduce_precision""".split()
-)
-ELEMENTWISE_PRIMITIVES = frozenset(
-    """add sub mul neg div integer_pow square max min abs sign select_n exp exp2
-    log log1p expm1 tanh logistic sqrt rsqrt sin cos erf pow eq ne gt ge lt le
-    and or not""".split()
-)
-CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES | VERSION_ELEMENTWISE
 # A parameter gathered or laid out anew (FSDP's `reshard` of a weight) is still a
 # copy of an input: kept on device as plain JAX keeps it, not moved, and not
 # recomputed, which would add a collective to the backward.
@@ -163,6 +157,9 @@ class Usage:
     # Costlier recipes (`chain_for`) of residuals with no cheap one: the planner may
     # recompute one of these instead of moving it, at the chain's cost.
     chains: dict[int, Recipe] = dataclasses.field(default_factory=dict)
+    # Residuals XLA rebuilds inside the backward's kernels instead of storing them
+    # (`_fusion`), and the stored values they keep live instead.
+    fused: dict[int, FusedSources] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def checkpoints(self) -> frozenset[int]:
@@ -247,6 +244,13 @@ def residual_usage(program: VjpProgram) -> Usage:
         input_index=input_index,
     )
     records = [dataclasses.replace(r, checkpoint=r.index in program.checkpoints) for r in records]
+    fused = {}
+    for k, v in enumerate(res_vars):
+        read_as = bwd_res_invars[k]
+        if isinstance(v, Var) and all(absorbs(e) for e in readers.get(read_as, [])):
+            sources = fused_sources(fwd, v, producer, last_use, input_index, residual_of)
+            if sources is not None and read_as not in bwd.outvars:
+                fused[k] = sources
     records = with_slice_recipes(records, recipes, **scans)
     records, recipes = _unread_in_backward(
         records, recipes, used_inputs(bwd)[: program.num_residuals]
@@ -258,6 +262,7 @@ def residual_usage(program: VjpProgram) -> Usage:
         eqns=(*fwd.eqns, *bwd.eqns),
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
+        fused=fused,
         chains={
             **chains_of(records, fwd, producer, input_index, res_vars),
             **slice_recipes(records, recipes, **scans, find=chain_for),
@@ -414,7 +419,8 @@ def slice_recipe(
 
 
 def _vjp_buffers(program: VjpProgram, residual_vars: set) -> tuple[tuple[int, int, int], ...]:
-    """Device intervals of every value of a `VjpProgram` that is not a residual."""
+    """Device intervals of every value of a `VjpProgram` that is not a residual, as XLA
+    stores them (`_fusion.stored_intervals`)."""
     fwd, bwd = program.forward.jaxpr, program.backward.jaxpr
     num_fwd = len(fwd.eqns)
     end = num_fwd + len(bwd.eqns)
@@ -429,15 +435,12 @@ def _vjp_buffers(program: VjpProgram, residual_vars: set) -> tuple[tuple[int, in
             for v in eqn.invars:
                 if isinstance(v, Var):
                     last[v] = offset + i
-            for v in eqn.outvars:
-                born[v] = offset + i
         outputs = jaxpr.outvars if jaxpr is bwd else jaxpr.outvars[: program.num_outputs]
         for v in outputs:
             if isinstance(v, Var):
                 last[v] = end if jaxpr is bwd else num_fwd
-        for v, b in born.items():
-            if v not in skip:
-                out.append((nbytes(v.aval), b, last.get(v, b)))
+        stored = {v for v in jaxpr.outvars if isinstance(v, Var)}  # residuals: the plan decides
+        out += stored_intervals(jaxpr.eqns, offset, born, last, stored, skip)
     return tuple(out)
 
 

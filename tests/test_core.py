@@ -506,7 +506,7 @@ def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     # Without a budget ("auto" puts speed first), chains start from residuals only.
     fast = hetjax.analyze(loss, ws, x, min_bytes=0)
     assert fast.plan.recompute_s > 0 and not any(r.checkpoint for r in fast.residuals)
-    budget = 0.3 * none.baseline_peak_bytes
+    budget = 0.2 * none.baseline_peak_bytes  # below what the model can reach
     fun = hetjax.het_offload(loss, min_bytes=0, device_budget=budget)
     with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
         report = fun.analyze(ws, x)

@@ -13,6 +13,7 @@ import pytest
 from models import MODELS
 
 import hetjax
+from hetjax._fusion import FusedSources
 from hetjax._memory import memory_timeline, plan_timeline
 from hetjax._plan import make_plan
 from hetjax._usage import ResidualUsage, Usage
@@ -148,6 +149,28 @@ def _positions_ok(report: hetjax.Report) -> None:
         if r.decision == "offload":
             assert r.prefetch_at <= r.first_backward_use, r
             assert r.produced_at < r.offload_by <= r.prefetch_at, r
+
+
+def test_a_residual_xla_rebuilds_costs_its_source_and_moves_only_where_that_helps():
+    # Residual 0 is f32 work XLA rebuilds in the backward from a 50 MB stored value made
+    # at 0 and last read at 1; residual 1 is stored as JAX names it.
+    source = FusedSources(values=((0, (50 * MB, 0, 1)),), residuals=())
+    usage = dataclasses.replace(synthetic([record(0), record(1)]), fused={0: source})
+    baseline = make_plan(usage, "none").baseline_memory
+    assert baseline.max() == 50 * MB + 50 * MB + 100 * MB  # arguments, source, residual 1
+    plan = make_plan(usage, "all", min_bytes=0)
+    # Moved, residual 0 would be stored whole (100 MB) until its copy is done.
+    assert [r.decision for r in plan.residuals] == ["keep", "offload"]
+    both = make_plan(usage, "all", min_bytes=0, choices={0: "offload", 1: "offload"})
+    assert plan.predicted_peak_bytes <= plan.baseline_peak_bytes < both.predicted_peak_bytes
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("policy", ["all", "auto"])
+def test_the_model_never_predicts_a_plan_above_plain(model, policy):
+    loss, args = MODELS[model]()
+    report = hetjax.analyze(loss, *args, policy=policy, min_bytes=0)
+    assert report.predicted_peak_bytes <= report.baseline_peak_bytes
 
 
 @pytest.mark.parametrize("model", ["stacked_mlp", "scan", "attention"])

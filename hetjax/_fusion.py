@@ -1,0 +1,163 @@
+"""Part of the usage stage: which values XLA's GPU compiler stores, and which it rebuilds
+inside the kernels that read them.
+
+What was learnt from compiling the reference presets for the H200 (jax 0.11.2), against
+a model that stored every value of the jaxpr (predicted over compiled peak: mlp 1.92,
+gpt 1.75, cnn 2.95):
+
+- XLA fuses elementwise work into the kernels that read it and duplicates a producer
+  into each reader unless the producer is "expensive" (`InstructionFusion::IsExpensive`,
+  with the GPU's exceptions: `exp`, `div`, `sqrt` and `rsqrt` are cheap in f32 and f16).
+  So a residual that is cheap elementwise work of stored values (the cnn's f32 batch
+  norm of a bf16 convolution, the gpt's f32 softmax `exp`, tanh's `1 - y**2`) is not
+  stored: the backward's kernels rebuild it, and what stays live is its sources (the
+  convolution's output, the scores, `y`). Read by a matmul in the backward, it is stored.
+- A value made by a fusible op and read only by fusing readers is never materialized.
+- An elementwise op may write its output over an operand that dies there (buffer
+  reuse): the gradient of stacked weights, `add_any(pad(g_i), acc)`, is built in place.
+
+The rules are an approximation of XLA's fusion heuristics (size limits, multi-output
+fusion and the fusion merger are not modelled); `_check` holds every plan against the
+compiler where there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ._compat import VERSION_ELEMENTWISE, Var, nbytes, sub_jaxprs
+
+# Primitives whose output is a view of, or a cheap elementwise function of, their
+# inputs. A residual built only from these (and from values available in the
+# backward anyway) is recomputed there instead of stored (GPU_FINDINGS.md, item 3).
+VIEW_PRIMITIVES = frozenset(
+    """slice squeeze reshape transpose broadcast_in_dim convert_element_type
+    expand_dims dynamic_slice copy copy_p rev reduce_precision""".split()
+)
+ELEMENTWISE_PRIMITIVES = frozenset(
+    """add sub mul neg div integer_pow square max min abs sign select_n exp exp2
+    log log1p expm1 tanh logistic sqrt rsqrt sin cos erf pow eq ne gt ge lt le
+    and or not""".split()
+)
+CHEAP_PRIMITIVES = VIEW_PRIMITIVES | ELEMENTWISE_PRIMITIVES | VERSION_ELEMENTWISE
+
+# Elementwise ops XLA does not duplicate into several readers (IsExpensive).
+EXPENSIVE = frozenset(
+    """tanh log log1p expm1 logistic sin cos tan erf erf_inv erfc pow atan2 cbrt
+    lgamma digamma""".split()
+)
+# Expensive elsewhere, cheap on the GPU in f32 and f16 (GpuInstructionFusion::IsExpensive).
+CHEAP_IN_F32 = frozenset({"exp", "exp2", "div", "sqrt", "rsqrt"})
+FUSIBLE = CHEAP_PRIMITIVES | frozenset({"add_any", "pad", "iota", "concatenate", "clamp"})
+# Readers that take a fused producer into their own kernel (loop and input fusions).
+REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split()
+)
+CALLS = frozenset({"jit", "pjit", "custom_jvp_call", "closed_call", "core_call"})
+MAX_FUSED_EQNS = 16  # producers walked back from one residual to its stored sources
+
+
+def fuses(eqn: Any) -> bool:
+    """Whether XLA fuses `eqn` into the kernels that read its output."""
+    name = str(eqn.primitive)
+    if eqn.effects:
+        return False
+    bodies = sub_jaxprs(eqn)
+    if bodies:  # a call XLA inlines (jit, custom_jvp_call): fused where its body is
+        return name in CALLS and all(fuses(e) for j in bodies for e in j.eqns)
+    if name not in FUSIBLE or name in EXPENSIVE:
+        return False
+    if name in CHEAP_IN_F32:
+        return all(np.dtype(v.aval.dtype) in (np.float32, np.float16) for v in eqn.outvars)
+    return True
+
+
+def absorbs(eqn: Any) -> bool:
+    """Whether `eqn` can take a fused producer into its kernel."""
+    return fuses(eqn) or str(eqn.primitive) in REDUCTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedSources:
+    """What a residual XLA rebuilds in the backward's kernels keeps live instead of
+    itself: stored values made in the forward (`(nbytes, made_at, last_forward_use)`,
+    keyed by variable) and other residuals (by index). Inputs are live anyway."""
+
+    values: tuple[tuple[int, tuple[int, int, int]], ...]
+    residuals: tuple[int, ...]
+
+
+def fused_sources(
+    jaxpr: Any,
+    v: Var,
+    producer: dict,
+    last_use: dict,
+    input_index: dict,
+    residual_of: dict,
+) -> FusedSources | None:
+    """The stored sources of `v` through fusible producers, or None where its producer
+    does not fuse (or the walk runs past `MAX_FUSED_EQNS`)."""
+    p = producer.get(v)
+    if p is None or not fuses(jaxpr.eqns[p]):
+        return None
+    values: dict[int, tuple[int, int, int]] = {}
+    residuals: set[int] = set()
+    seen: set[int] = set()
+    stack = [x for x in jaxpr.eqns[p].invars if isinstance(x, Var)]
+    seen.add(p)
+    while stack:
+        x = stack.pop()
+        if x in input_index:
+            continue
+        if x in residual_of:
+            residuals.add(residual_of[x])
+            continue
+        q = producer.get(x)
+        if q is None:
+            continue
+        if not fuses(jaxpr.eqns[q]):
+            values[id(x)] = (nbytes(x.aval), q, last_use.get(x, q))
+            continue
+        if q not in seen:
+            seen.add(q)
+            if len(seen) > MAX_FUSED_EQNS:
+                return None
+            stack.extend(y for y in jaxpr.eqns[q].invars if isinstance(y, Var))
+    return FusedSources(tuple(values.items()), tuple(sorted(residuals)))
+
+
+def stored_intervals(
+    eqns: Any, offset: int, born: dict, last: dict, outputs: set, skip: set
+) -> list[tuple[int, int, int]]:
+    """Device intervals `(nbytes, first, last)` of the values of `eqns` (and of `born`'s
+    inputs) that XLA stores, less `skip`: a value whose producer fuses and whose readers
+    all absorb it is never stored; an elementwise output reuses the buffer of a
+    same-sized operand that dies at its producer. `eqns[i]` is at position `offset + i`."""
+    readers: dict[Var, list[Any]] = {}
+    for eqn in eqns:
+        for x in eqn.invars:
+            if isinstance(x, Var):
+                readers.setdefault(x, []).append(eqn)
+    first = dict(born)
+    virtual: set[Var] = set()
+    for eqn in eqns:
+        fused = fuses(eqn)
+        for v in eqn.outvars:
+            if fused and v not in outputs and all(absorbs(e) for e in readers.get(v, [])):
+                virtual.add(v)
+    for i, eqn in enumerate(eqns):
+        reuse = fuses(eqn) and any(
+            isinstance(x, Var) and x in first and x not in skip and x not in virtual
+            and last.get(x) == offset + i and nbytes(x.aval) == nbytes(eqn.outvars[0].aval)
+            for x in eqn.invars
+        )  # fmt: skip
+        for v in eqn.outvars:
+            first[v] = offset + i + (1 if reuse else 0)
+    return [
+        (nbytes(v.aval), b, last.get(v, b))
+        for v, b in first.items()
+        if v not in skip and v not in virtual
+    ]

@@ -1,0 +1,83 @@
+"""The memory model's knowledge of what XLA's GPU compiler stores (`hetjax._fusion`).
+
+Memory against the compiler itself is in tests/test_compiled.py; these run on any
+backend and check the rules one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hetjax
+from hetjax import _fusion
+from hetjax._api import usage_and_plan
+from hetjax._compat import Var
+from hetjax._memory import memory_timeline, plan_timeline
+
+NONE = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def usage_of(fun, *args):
+    return usage_and_plan(fun, args, {}, NONE)[0]
+
+
+def eqns_of(fun, *args):
+    return {str(e.primitive): e for e in jax.make_jaxpr(fun)(*args).jaxpr.eqns}
+
+
+def test_which_ops_xla_fuses_on_a_gpu() -> None:
+    f32, bf16 = jnp.ones((4, 4), F32), jnp.ones((4, 4), BF16)
+    wide = eqns_of(lambda x: (jnp.exp(x), jnp.tanh(x), x + 1, x @ x, x.sum()), f32)
+    assert _fusion.fuses(wide["exp"]) and _fusion.fuses(wide["add"])  # cheap in f32
+    assert not _fusion.fuses(wide["tanh"])  # expensive: not duplicated into readers
+    assert not _fusion.fuses(wide["dot_general"]) and not _fusion.fuses(wide["reduce_sum"])
+    assert _fusion.absorbs(wide["reduce_sum"]) and not _fusion.absorbs(wide["dot_general"])
+    assert not _fusion.fuses(eqns_of(jnp.exp, bf16)["exp"])  # expensive outside f32, f16
+    # A call XLA inlines fuses where its body does: relu, where.
+    assert _fusion.fuses(eqns_of(jax.nn.relu, f32)["custom_jvp_call"])
+
+
+def test_a_cheap_f32_residual_costs_its_stored_source_not_itself() -> None:
+    # exp of a bf16 matmul's output, widened to f32: JAX saves the f32 exp, XLA keeps
+    # the bf16 product and rebuilds exp in the backward's kernel.
+    def loss(w, x):
+        return jnp.sum(jnp.exp((x @ w).astype(F32)))
+
+    w, x = jax.ShapeDtypeStruct((512, 512), BF16), jax.ShapeDtypeStruct((256, 512), BF16)
+    usage = usage_of(loss, w, x)
+    (exp,) = [r for r in usage.residuals if r.primitive == "exp"]
+    sources = usage.fused[exp.index]
+    assert [size for _, (size, *_) in sources.values] == [256 * 512 * 2] and not sources.residuals
+    kept = [dataclasses.replace(r, decision="keep") for r in usage.residuals]
+    at_boundary = plan_timeline(usage, kept)[usage.boundary + 1]  # index 0 is position -1
+    arguments, loss_and_cotangent = w.size * 2 + x.size * 2, 2 * 4
+    assert at_boundary == arguments + 256 * 512 * 2 + loss_and_cotangent  # the product, not exp
+    # Moved, it would be stored in f32 until its copy is done: above plain, so `all`
+    # keeps it (and moves nothing else: the arguments stay).
+    moved = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
+    assert moved.moved_bytes == 0 and moved.predicted_peak_bytes == moved.baseline_peak_bytes
+
+
+def test_an_output_reuses_the_buffer_of_an_operand_that_dies_there() -> None:
+    # sin is stored (expensive); the add writes over it where it is last read.
+    x = jnp.ones((256, 256), F32)
+    jaxpr = jax.make_jaxpr(lambda x: jnp.sin(x) + 1.0)(x).jaxpr
+    outputs = set(jaxpr.outvars)
+    last = {jaxpr.eqns[0].outvars[0]: 1, jaxpr.outvars[0]: 2}
+    intervals = _fusion.stored_intervals(jaxpr.eqns, 0, {}, last, outputs, set())
+    assert sorted(intervals) == [(x.nbytes, 0, 1), (x.nbytes, 2, 2)]
+    assert memory_timeline(2, intervals).max() == x.nbytes
+
+
+def test_a_value_read_only_by_fusing_readers_is_never_stored() -> None:
+    x = jnp.ones((256, 256), F32)
+    jaxpr = jax.make_jaxpr(lambda x: jnp.sum((x * 2.0 + 1.0) ** 2))(x).jaxpr
+    last = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.invars if isinstance(v, Var)}
+    intervals = _fusion.stored_intervals(jaxpr.eqns, 0, {}, last, set(jaxpr.outvars), set())
+    assert [size for size, *_ in intervals] == [4]  # the sum alone: one kernel
+    assert np.all(memory_timeline(len(jaxpr.eqns), intervals) <= 4)
