@@ -129,6 +129,29 @@ def fused_sources(
     return FusedSources(tuple(values.items()), tuple(sorted(residuals)))
 
 
+def rebuilt_by_xla(
+    jaxpr: Any,
+    residual_vars: Any,
+    backward_readers: Any,
+    producer: dict,
+    last_use: dict,
+    input_index: dict,
+    residual_of: dict,
+) -> dict[int, FusedSources]:
+    """The residuals (by index) XLA rebuilds in the backward's kernels, with their stored
+    sources: made by fusible work (`fused_sources`), and read in the backward only by
+    readers that absorb them. `backward_readers(k)` is residual `k`'s backward readers,
+    or None where it is an output of the program (stored)."""
+    fused = {}
+    for k, v in enumerate(residual_vars):
+        readers = backward_readers(k)
+        if isinstance(v, Var) and readers is not None and all(absorbs(e) for e in readers):
+            sources = fused_sources(jaxpr, v, producer, last_use, input_index, residual_of)
+            if sources is not None:
+                fused[k] = sources
+    return fused
+
+
 def stored_intervals(
     eqns: Any, offset: int, born: dict, last: dict, outputs: set, skip: set
 ) -> list[tuple[int, int, int]]:

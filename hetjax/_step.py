@@ -26,7 +26,7 @@ from ._compat import (
     read_atom,
     sub_jaxprs,
 )
-from ._fusion import absorbs, fused_sources, stored_intervals
+from ._fusion import rebuilt_by_xla, stored_intervals
 from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
@@ -153,13 +153,14 @@ def step_usage(program: StepProgram) -> Usage:
     )
     records = with_slice_recipes(records, recipes, **scans)
     last = {v: u[-1] for v, u in uses.items()}
-    fused = {}
-    for k, v in enumerate(residual_vars):
-        read_by = [jaxpr.eqns[i] for i in uses[v] if backward[i]]
-        if v not in jaxpr.outvars and all(absorbs(e) for e in read_by):
-            sources = fused_sources(jaxpr, v, producer, last, input_index, residual_of)
-            if sources is not None:
-                fused[k] = sources
+
+    def backward_readers(k: int) -> list | None:
+        v = residual_vars[k]
+        return None if v in jaxpr.outvars else [jaxpr.eqns[i] for i in uses[v] if backward[i]]
+
+    fused = rebuilt_by_xla(
+        jaxpr, residual_vars, backward_readers, producer, last, input_index, residual_of
+    )
     return Usage(
         program=program,
         residuals=tuple(records),

@@ -24,8 +24,7 @@ from ._fusion import (
     CHEAP_PRIMITIVES,
     VIEW_PRIMITIVES,
     FusedSources,
-    absorbs,
-    fused_sources,
+    rebuilt_by_xla,
     stored_intervals,
 )
 from ._trace import VjpProgram
@@ -244,13 +243,14 @@ def residual_usage(program: VjpProgram) -> Usage:
         input_index=input_index,
     )
     records = [dataclasses.replace(r, checkpoint=r.index in program.checkpoints) for r in records]
-    fused = {}
-    for k, v in enumerate(res_vars):
+
+    def backward_readers(k: int) -> list | None:
         read_as = bwd_res_invars[k]
-        if isinstance(v, Var) and all(absorbs(e) for e in readers.get(read_as, [])):
-            sources = fused_sources(fwd, v, producer, last_use, input_index, residual_of)
-            if sources is not None and read_as not in bwd.outvars:
-                fused[k] = sources
+        return None if read_as in bwd.outvars else readers.get(read_as, [])
+
+    fused = rebuilt_by_xla(
+        fwd, res_vars, backward_readers, producer, last_use, input_index, residual_of
+    )
     records = with_slice_recipes(records, recipes, **scans)
     records, recipes = _unread_in_backward(
         records, recipes, used_inputs(bwd)[: program.num_residuals]
