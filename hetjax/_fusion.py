@@ -17,7 +17,11 @@ gpt 1.75, cnn 2.95):
   reuse): the gradient of stacked weights, `add_any(pad(g_i), acc)`, is built in place.
 
 The rules are an approximation of XLA's fusion heuristics (size limits, multi-output
-fusion and the fusion merger are not modelled); `_check` holds every plan against the
+fusion and the fusion merger are not modelled). Smaller programs store more than they
+say: 4 attention layers on 8 x 1024 tokens keep their f32 softmax outputs (the model's
+plain peak 0.76 of the compiled one, jax 0.11.2), 4 conv + batch-norm + relu layers on
+32 64 x 64 images their relu masks (0.64); and pins that tie into a partial gradient
+sum stop its in-place update. `_check` holds every plan against the
 compiler where there is one.
 """
 

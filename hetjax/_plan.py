@@ -18,7 +18,9 @@ the cost model. It has two modes:
   copies the cost model says hide under compute, then rebuild by chains, cheapest per
   byte freed first, within the same allowance (1% of the step).
 `policy="all"` and a callable policy move; they rebuild no chain (but see
-`rebuild_choices`, which `_check` tries where the greedy orders fall short).
+`rebuild_choices`, which `_check` tries where the greedy orders fall short). Where the
+model says `all`'s or `auto`'s choices raise the peak above plain's, the residuals XLA
+would rebuild anyway whose moves do it stay (`_without_harm`).
 
 This stage rests on the memory model alone; `_check` holds its plans against a compiler
 where there is one (`budget_order` and `hiding_order` are the orders it searches).
