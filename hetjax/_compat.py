@@ -56,6 +56,11 @@ def zeros_like_aval(aval: Any) -> Any:
         return jax.numpy.zeros(aval.shape, aval.dtype)
 
 
+def full_like_aval(aval: Any, value: Any) -> Any:
+    """`value` filling `aval`'s type, its sharding (and shard_map variance) included."""
+    return jax.lax.full_like(zeros_like_aval(aval), value)
+
+
 def read_atom(env: dict, v: Any) -> Any:
     """The value of a jaxpr atom: a literal's own value, or a variable's in `env`."""
     return v.val if isinstance(v, Literal) else env[v]

@@ -169,14 +169,14 @@ def stored_intervals(
             if isinstance(x, Var):
                 readers.setdefault(x, []).append(eqn)
     first = dict(born)
+    fusing = [fuses(eqn) for eqn in eqns]  # `fuses` walks `jit` bodies: once per equation
     virtual: set[Var] = set()
-    for eqn in eqns:
-        fused = fuses(eqn)
+    for eqn, fused in zip(eqns, fusing, strict=True):
         for v in eqn.outvars:
             if fused and v not in outputs and all(absorbs(e) for e in readers.get(v, [])):
                 virtual.add(v)
     for i, eqn in enumerate(eqns):
-        reuse = fuses(eqn) and any(
+        reuse = fusing[i] and any(
             isinstance(x, Var) and x in first and x not in skip and x not in virtual
             and last.get(x) == offset + i and nbytes(x.aval) == nbytes(eqn.outvars[0].aval)
             for x in eqn.invars

@@ -352,10 +352,10 @@ def _choices(
 
 def _frees_at(r: ResidualUsage, position: int) -> bool:
     """Whether moving or rebuilding `r` lowers the bytes at `position`: it is idle there,
-    or it moves one scan iteration at a time and is held whole there (the backward scan
-    that reads it holds only slices then)."""
+    or it moves one scan iteration at a time and is held whole there (the scans that
+    make and read it hold only slices then)."""
     if r.per_iteration:
-        return r.produced_at < position <= r.last_backward_use
+        return r.produced_at <= position <= r.last_backward_use
     return r.last_forward_use < position < r.first_backward_use
 
 

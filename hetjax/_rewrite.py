@@ -35,6 +35,7 @@ from ._compat import (
     Var,
     bind_eqn,
     eval_jaxpr,
+    full_like_aval,
     inner_name_stack,
     read_atom,
     scan_counts,
@@ -583,10 +584,13 @@ def scan_from_host(
         inputs = {i: [next(slices) for _ in r.input_stacks] for i, r in rebuild.items()}
 
         def rebuilt(i: int) -> Any:  # anchors that are rebuilt too come first
+            if i < len(consts):  # a const anchor serves whole
+                return consts[i]
             if x[i - first] is None:
                 r = rebuild[i]
                 anchors = {var: rebuilt(at) for var, at in r.recipe.slices}
                 anchors.update(zip(r.recipe.input_slices, inputs[i], strict=True))
+                anchors.update((v, full_like_aval(v.aval, c)) for v, c in r.recipe.fills)
                 x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
             return x[i - first]
 

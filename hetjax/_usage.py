@@ -10,6 +10,7 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
+from ._compat import Literal as LiteralAtom
 from ._compat import (
     Var,
     is_extended,
@@ -133,6 +134,9 @@ class Recipe:
     # the backward scan is given as an extra operand) its body variable.
     slices: tuple[tuple[Var, int], ...] = ()
     input_slices: tuple[Var, ...] = ()
+    # Consts of the forward scan that fill an array with one literal (`broadcast_literal`),
+    # as (body variable, scalar): the backward makes them anew, whole.
+    fills: tuple[tuple[Var, Any], ...] = ()
     chain: bool = False  # made by `chain_for`: costlier work than views and elementwise
 
 
@@ -351,11 +355,18 @@ def slice_recipes(
     """`slice_recipe` of each per-iteration residual that has no recipe in `recipes`;
     with `find=chain_for`, the chains that rebuild them one scan iteration at a time."""
     found: dict[int, Recipe] = {}
+    producer = def_use(forward_eqns)[0]
+
+    def fill_of(v: Any) -> Any:
+        return broadcast_literal(v, producer, forward_eqns)
+
     for r in records:
         if r.per_iteration and r.index not in recipes:
             (reader,) = readers_of(r.index)
             scan = forward_eqns[r.produced_at]
-            recipe = slice_recipe(scan, reader, var_of[r.index], stacked, input_index, find)
+            recipe = slice_recipe(
+                scan, reader, var_of[r.index], stacked, input_index, find, fill_of
+            )
             if recipe is not None:
                 found[r.index] = recipe
     return found
@@ -368,6 +379,7 @@ def slice_recipe(
     stacked: dict[Var, tuple[int, Var]],
     input_index: dict,
     find: Any = None,
+    fill_of: Any = lambda v: None,
 ) -> Recipe | None:
     """How the backward scan `reader` can rebuild, in each iteration, its slice of `v`
     (a stacked output of the forward `scan`): cheap equations of `scan`'s body, run
@@ -375,17 +387,20 @@ def slice_recipe(
     (stacked outputs of `scan`, or stacked inputs such as the layers' weights), or of
     stacked function inputs that `reader` can be given (the f32 weights of a layer's
     bf16 copy). `find=chain_for` looks for a chain instead of cheap equations.
-
-    TODO: a chain cannot reach a const of `scan` that is not a residual (the reference
-    gpt_scan's attention fill value, made once outside the loop): its `exp` has none."""
+    A const of `scan` that `reader` takes as a const too serves whole, and one that
+    `fill_of` (outer variable -> scalar or None) says fills an array with a literal is
+    made anew (the reference gpt_scan's attention mask and fill value, made once outside
+    the loop: its softmax `exp` is rebuilt from them and the iteration's q and k)."""
     body = scan.params["jaxpr"].jaxpr
     num_consts, num_carry = scan_counts(scan)
     first_stacked = num_consts + num_carry
-    first_read = sum(scan_counts(reader))
+    read_consts, read_carry = scan_counts(reader)
     pairs = [
         *zip(scan.outvars[num_carry:], body.outvars[num_carry:], strict=True),
         *zip(scan.invars[first_stacked:], body.invars[first_stacked:], strict=True),
     ]
+    consts = set(body.invars[:num_consts])
+    pairs += zip(scan.invars[:num_consts], body.invars[:num_consts], strict=True)
     anchors: dict[Var, int] = {}  # body variable -> residual index
     where: dict[int, tuple[Var, int]] = {}  # residual index -> (body var, reader operand)
     for outer, inner in pairs:
@@ -394,7 +409,12 @@ def slice_recipe(
         if not isinstance(outer, Var) or outer not in stacked:
             continue
         j, read_as = stacked[outer]
-        at = [i for i, x in enumerate(reader.invars) if x is read_as and i >= first_read]
+        operands = (
+            range(read_consts)
+            if inner in consts
+            else range(read_consts + read_carry, len(reader.invars))
+        )
+        at = [i for i in operands if reader.invars[i] is read_as]
         if at:
             anchors[inner] = j
             where[j] = (inner, at[0])
@@ -404,10 +424,15 @@ def slice_recipe(
         for outer, inner in zip(scan.invars[first_stacked:], body.invars[first_stacked:])
         if isinstance(outer, Var) and outer in input_index and inner not in anchors
     }
+    fills = {
+        inner: value
+        for outer, inner in zip(scan.invars[:num_consts], body.invars[:num_consts], strict=True)
+        if inner not in anchors and (value := fill_of(outer)) is not None
+    }
     target = body.outvars[scan.outvars.index(v)]
     if not isinstance(target, Var):
         return None
-    recipe = (find or recipe_for)(body, target, def_use(body.eqns)[0], inputs, anchors)
+    recipe = (find or recipe_for)(body, target, def_use(body.eqns)[0], inputs, anchors, fills)
     if recipe is None:
         return None
     body_var_of_input = {i: inner for inner, i in inputs.items()}
@@ -583,19 +608,57 @@ def _aliases_input(fwd: Any, v: Var, producer: dict, input_index: dict) -> bool:
 
 
 def recipe_for(
-    fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
+    fwd: Any,
+    target: Var,
+    producer: dict,
+    input_index: dict,
+    residual_of: dict,
+    fills: dict | None = None,
 ) -> Recipe | None:
-    """The cheap forward equations that rebuild `target` from inputs and residuals."""
-    return _rebuild(fwd, target, producer, input_index, residual_of, _cheap, MAX_RECOMPUTE_EQNS)
+    """The cheap forward equations that rebuild `target` from inputs and residuals (and
+    `fills`: variables that `Recipe.fills` makes anew)."""
+    return _rebuild(
+        fwd, target, producer, input_index, residual_of, fills or {}, _cheap, MAX_RECOMPUTE_EQNS
+    )
 
 
 def chain_for(
-    fwd: Any, target: Var, producer: dict, input_index: dict, residual_of: dict
+    fwd: Any,
+    target: Var,
+    producer: dict,
+    input_index: dict,
+    residual_of: dict,
+    fills: dict | None = None,
 ) -> Recipe | None:
     """The forward equations, of any cost, that rebuild `target` from inputs and
     residuals: at most `MAX_CHAIN_EQNS`, none of `NOT_IN_CHAINS` (at any depth)."""
-    chain = _rebuild(fwd, target, producer, input_index, residual_of, _chainable, MAX_CHAIN_EQNS)
+    chain = _rebuild(
+        fwd, target, producer, input_index, residual_of, fills or {}, _chainable, MAX_CHAIN_EQNS
+    )
     return None if chain is None else dataclasses.replace(chain, chain=True)
+
+
+def broadcast_literal(v: Any, producer: dict, eqns: Any, given: dict | None = None) -> Any:
+    """The scalar that fills `v`, where `v` broadcasts a literal (`jnp.full`, the fill
+    value of a `where`), through `jit` calls; else None. `given`: the scalars of
+    variables known to hold one (a call's inputs given literals)."""
+    given = given or {}
+    p = producer.get(v)
+    if p is None:
+        return None
+    eqn = eqns[p]
+    scalars = [x.val if isinstance(x, LiteralAtom) else given.get(x) for x in eqn.invars]
+    name = str(eqn.primitive)
+    if name == "broadcast_in_dim":
+        return scalars[0]
+    if name not in ("jit", "pjit"):
+        return None
+    inner = eqn.params["jaxpr"].jaxpr
+    out = inner.outvars[eqn.outvars.index(v)]
+    inner_given = {x: c for x, c in zip(inner.invars, scalars, strict=True) if c is not None}
+    if not isinstance(out, Var):
+        return None
+    return broadcast_literal(out, def_use(inner.eqns)[0], inner.eqns, inner_given)
 
 
 def _cheap(eqn: Any) -> bool:
@@ -619,16 +682,21 @@ def _rebuild(
     producer: dict,
     input_index: dict,
     residual_of: dict,
+    fills: dict,
     allowed: Any,
     max_eqns: int,
 ) -> Recipe | None:
     eqns: set[int] = set()
     inputs: set[int] = set()
     residuals: set[int] = set()
+    filled: dict[Var, Any] = {}
     stack = [target]
     while stack:
         v = stack.pop()
         if v is not target:
+            if v in fills:
+                filled[v] = fills[v]
+                continue
             if v in input_index:
                 inputs.add(input_index[v])
                 continue
@@ -647,4 +715,9 @@ def _rebuild(
         if len(eqns) > max_eqns:
             return None
         stack.extend(x for x in eqn.invars if isinstance(x, Var))
-    return Recipe(tuple(sorted(eqns)), tuple(sorted(inputs)), tuple(sorted(residuals)))
+    return Recipe(
+        tuple(sorted(eqns)),
+        tuple(sorted(inputs)),
+        tuple(sorted(residuals)),
+        fills=tuple(filled.items()),
+    )

@@ -436,6 +436,28 @@ def test_a_budget_recomputes_a_scans_attention_in_the_backward_loop() -> None:
     assert steps.planned_step.matmul_flops > steps.plain_step.matmul_flops
 
 
+def test_a_budget_rebuilds_masked_attention_in_the_backward_loop() -> None:
+    # The causal mask and its fill value are hoisted out of the loop by JAX; the fill is
+    # made anew in the backward loop (`Recipe.fills`), so the exp needs no move.
+    def layer(x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+        q, k, v = jnp.split(x @ w, 3, axis=-1)
+        mask = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        scores = jnp.where(mask, jnp.einsum("btd,bsd->bts", q, k), jnp.finfo(x.dtype).min)
+        return x + jnp.einsum("bts,bsd->btd", jax.nn.softmax(scores, axis=-1), v), None
+
+    def loss(ws: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(lax.scan(layer, x, ws)[0] ** 2)
+
+    ws, x = spec((4, 64, 192), jnp.float32), spec((4, 1024, 64), jnp.float32)
+    plain = hetjax.analyze(loss, ws, x, policy="none", target="h200").compiled
+    budget = 0.6 * plain.plain.peak_bytes
+    report = hetjax.analyze(loss, ws, x, device_budget=budget, target="h200")
+    assert report.feasible and report.compiled.planned.peak_bytes <= budget
+    exps = [r for r in report.residuals if r.shape == (4, 4, 1024, 1024)]
+    assert exps and {(r.decision, r.move) for r in exps} == {("recompute", "per-iteration")}
+    assert report.moved_bytes == 0 and report.compiled.planned_step.d2h_bytes == 0
+
+
 def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], tuple[int, float]]:
     """Compiled figures by prefix length: the peak given, and a step time that grows
     with the prefix."""
