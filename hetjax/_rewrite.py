@@ -36,14 +36,13 @@ from ._compat import (
     bind_eqn,
     eval_jaxpr,
     full_like_aval,
-    inner_name_stack,
     read_atom,
     scan_counts,
     zeros_like_aval,
 )
 from ._cost import GRADIENT_SUM_PRIMITIVES
 from ._plan import Plan, arrival_positions
-from ._trace import runs_a_matmul
+from ._trace import runs_a_matmul, scan_like
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
 
 HOST = jax.memory.Space.Host
@@ -307,6 +306,7 @@ def run_backward(
             at = jaxpr.eqns[j].invars.index(res_invars[r.index])
             recipe = usage.recipe_of(r.index)
             stacks = [input_value[i] for i in recipe.input_anchors]
+            stacks += [value[k] for _, k in recipe.stack_slices]  # kept checkpoints
             scan = program.forward.jaxpr.eqns[r.produced_at]
             rebuilt.setdefault(j, {})[at] = slice_rebuild(scan, res_vars[r.index], recipe, stacks)
     for r in plan.offloaded:
@@ -487,15 +487,6 @@ def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:
     return list(values[:nc]), list(values[nc : nc + nk]), list(values[nc + nk :])
 
 
-def _scan(eqn: Any, body: Any, init: Any, xs: list[Any]) -> tuple[Any, list[Any]]:
-    """`lax.scan` with `eqn`'s length, direction and unrolling, in `eqn`'s name stack."""
-    p = eqn.params
-    with inner_name_stack(eqn):
-        return lax.scan(
-            body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
-        )
-
-
 class HostStack(NamedTuple):
     """A scan-stacked residual in host memory, laid out to be read one iteration ahead.
 
@@ -529,7 +520,7 @@ def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[
         ys = [next(previous) if m else y for y, m in zip(outs[nk:], moves, strict=True)]
         return (outs[:nk], made), ys
 
-    (carry, last), ys = _scan(eqn, iteration, (init, held), xs)
+    (carry, last), ys = scan_like(eqn, iteration, (init, held), xs)
     lasts = iter([to_host(h) for h in last])
     stacks = [HostStack(y, next(lasts)) if m else y for y, m in zip(ys, moves, strict=True)]
     return [*carry, *stacks]
@@ -542,11 +533,14 @@ class SliceRebuild(NamedTuple):
     body_eqns: Any
     recipe: Recipe
     target: Var
-    input_stacks: tuple  # the stacked inputs of `recipe.input_slices`, whole
+    # Stacks given whole, sliced by the loop: the inputs of `recipe.input_slices`, then
+    # the checkpoints of `recipe.stack_slices`.
+    input_stacks: tuple
 
 
 def slice_rebuild(forward_scan: Any, v: Var, recipe: Recipe, inputs: Sequence[Any]) -> SliceRebuild:
-    """`inputs`: the values of the function inputs, numbered as `recipe.input_anchors`."""
+    """`inputs`: the values of the function inputs, numbered as `recipe.input_anchors`,
+    then of the checkpoints of `recipe.stack_slices`."""
     body = forward_scan.params["jaxpr"].jaxpr
     target = body.outvars[forward_scan.outvars.index(v)]
     return SliceRebuild(body.eqns, recipe, target, tuple(inputs))
@@ -589,7 +583,8 @@ def scan_from_host(
             if x[i - first] is None:
                 r = rebuild[i]
                 anchors = {var: rebuilt(at) for var, at in r.recipe.slices}
-                anchors.update(zip(r.recipe.input_slices, inputs[i], strict=True))
+                given = [*r.recipe.input_slices, *(var for var, _ in r.recipe.stack_slices)]
+                anchors.update(zip(given, inputs[i], strict=True))
                 anchors.update((v, full_like_aval(v.aval, c)) for v, c in r.recipe.fills)
                 x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
             return x[i - first]
@@ -599,7 +594,7 @@ def scan_from_host(
         outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
         return (outs[: len(init)], ahead), outs[len(init) :]
 
-    (carry, _), ys = _scan(eqn, iteration, (init, ready0), [*xs, *extra])
+    (carry, _), ys = scan_like(eqn, iteration, (init, ready0), [*xs, *extra])
     return [*carry, *ys]
 
 

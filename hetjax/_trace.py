@@ -29,6 +29,7 @@ from ._compat import (
     inner_name_stack,
     on_host,
     read_atom,
+    scan_counts,
     sub_jaxprs,
 )
 
@@ -127,10 +128,9 @@ WIDENED_CHECKPOINT_PRIMITIVES = frozenset({"conv_general_dilated"})
 def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     """The forward values `with_checkpoints` adds: float arrays on device, neither inputs,
     outputs nor residuals, whose last forward reader comes at least `MIN_CHECKPOINT_SPAN`
-    equations after their producer, or which are convolution outputs the forward widens."""
-    # TODO: top-level values only. A scan's carry (the gpt_scan's layer input) would
-    # need the forward body to emit it as a stacked output, sliced like the scan's own
-    # residuals; and the step form (`_step`) has no checkpoints yet.
+    equations after their producer, or which are convolution outputs the forward widens.
+    Top-level values only (`scan_carry_checkpoints` has a scan's carries); the step form
+    (`_step`) has no checkpoints yet."""
     fwd = program.forward.jaxpr
     taken = {v for v in fwd.outvars if isinstance(v, Var)}
     made: dict[Var, int] = {}
@@ -154,6 +154,56 @@ def checkpoint_candidates(program: VjpProgram) -> list[Var]:
     ]  # fmt: skip
 
 
+def scan_carry_checkpoints(program: VjpProgram) -> dict[int, tuple[int, ...]]:
+    """The top-level forward scans that stack residuals, by equation id, with the
+    positions of their float array carries on device: a scan's per-iteration checkpoint
+    is such a carry as each iteration starts (a scanned layer's input, where
+    `jax.checkpoint` restarts), stacked by `with_checkpoints`."""
+    residuals = {v for v in program.residual_vars if isinstance(v, Var)}
+    found = {}
+    for eqn in program.forward.jaxpr.eqns:
+        if eqn.primitive.name != "scan":
+            continue
+        num_consts, num_carry = scan_counts(eqn)
+        if residuals.isdisjoint(eqn.outvars[num_carry:]):
+            continue
+        carries = eqn.invars[num_consts : num_consts + num_carry]
+        which = tuple(
+            i for i, c in enumerate(carries)
+            if c.aval.shape and not on_host(c.aval) and jnp.issubdtype(c.aval.dtype, jnp.inexact)
+        )  # fmt: skip
+        if which:
+            found[id(eqn)] = which
+    return found
+
+
+def scan_like(eqn: Any, body: Any, init: Any, xs: list[Any]) -> tuple[Any, list[Any]]:
+    """`lax.scan` with `eqn`'s length, direction and unrolling, in `eqn`'s name stack."""
+    p = eqn.params
+    with inner_name_stack(eqn):
+        return jax.lax.scan(
+            body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        )
+
+
+def _scan_stacking_carries(
+    eqn: Any, invals: Sequence[Any], which: tuple[int, ...]
+) -> tuple[list[Any], list[Any]]:
+    """The scan `eqn` evaluated on `invals`: its outputs, and the carries `which` (by
+    position) stacked as each iteration starts."""
+    num_consts, num_carry = scan_counts(eqn)
+    consts, init = invals[:num_consts], list(invals[num_consts : num_consts + num_carry])
+    body = eqn.params["jaxpr"]
+
+    def iteration(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x)
+        return outs[:num_carry], [*outs[num_carry:], *(carry[i] for i in which)]
+
+    carry, ys = scan_like(eqn, iteration, init, list(invals[num_consts + num_carry :]))
+    made = len(ys) - len(which)
+    return [*carry, *ys[:made]], list(ys[made:])
+
+
 def runs_a_matmul(eqns: Sequence[Any]) -> bool:
     """Whether `eqns` run a matmul (or a convolution), nested ones too."""
     return any(
@@ -174,21 +224,31 @@ def _widens(eqn: Any) -> bool:
 def with_checkpoints(
     program: VjpProgram, in_avals: Sequence[Any], ct_avals: Sequence[Any]
 ) -> VjpProgram:
-    """`program` with `checkpoint_candidates` appended to its residuals: the forward
-    returns them too, the backward takes them and reads none. Unless a plan rebuilds a
-    residual from one, the rewrite does not store it (`_rewrite.StoredLayout`)."""
+    """`program` with `checkpoint_candidates` appended to its residuals, then the
+    carries of `scan_carry_checkpoints`, stacked by their scans: the forward returns
+    them too, the backward takes them and reads none. Unless a plan rebuilds a residual
+    from one, the rewrite does not store it (`_rewrite.StoredLayout`)."""
     extra = checkpoint_candidates(program)
-    if not extra:
+    carries = scan_carry_checkpoints(program)
+    if not extra and not carries:
         return program
     fwd, bwd = program.forward, program.backward
     num_outputs, num_residuals = program.num_outputs, program.num_residuals
     saved = [*program.residual_vars, *extra]
 
     def forward(*xs: Any) -> tuple[list[Any], list[Any]]:
-        env = _eval_env(fwd.jaxpr, fwd.consts, xs)
-        return [read_atom(env, v) for v in fwd.jaxpr.outvars[:num_outputs]], [
-            read_atom(env, v) for v in saved
-        ]
+        stacks: list[Any] = []
+
+        def bind(eqn: Any, invals: list[Any]) -> list[Any]:
+            if id(eqn) not in carries:
+                return bind_eqn(eqn, invals)
+            outs, stacked = _scan_stacking_carries(eqn, invals, carries[id(eqn)])
+            stacks.extend(stacked)
+            return outs
+
+        env = _eval_env(fwd.jaxpr, fwd.consts, xs, bind=bind)
+        outputs = [read_atom(env, v) for v in fwd.jaxpr.outvars[:num_outputs]]
+        return outputs, [*(read_atom(env, v) for v in saved), *stacks]
 
     fwd_closed, (_, saved_shapes) = jax.make_jaxpr(forward, return_shape=True)(*in_avals)
 
@@ -200,7 +260,7 @@ def with_checkpoints(
         program,
         forward=fwd_closed,
         backward=bwd_closed,
-        checkpoints=tuple(range(num_residuals, len(saved))),
+        checkpoints=tuple(range(num_residuals, len(saved_shapes))),
     )
 
 

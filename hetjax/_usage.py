@@ -137,6 +137,9 @@ class Recipe:
     # Consts of the forward scan that fill an array with one literal (`broadcast_literal`),
     # as (body variable, scalar): the backward makes them anew, whole.
     fills: tuple[tuple[Var, Any], ...] = ()
+    # Per-iteration checkpoints (a scan's stacked carry) among the residual anchors, as
+    # (body variable, residual index): the backward scan is given their stacks too.
+    stack_slices: tuple[tuple[Var, int], ...] = ()
     chain: bool = False  # made by `chain_for`: costlier work than views and elementwise
 
 
@@ -259,6 +262,12 @@ def residual_usage(program: VjpProgram) -> Usage:
     records, recipes = _unread_in_backward(
         records, recipes, used_inputs(bwd)[: program.num_residuals]
     )
+    stacked_checkpoints = {
+        res_vars[r.index]: r.index for r in records
+        if r.checkpoint and str(fwd.eqns[r.produced_at].primitive) == "scan"
+    }  # fmt: skip
+    records = [_stacked_checkpoint(r) if r.index in stacked_checkpoints.values() else r
+               for r in records]  # fmt: skip
     return Usage(
         program=program,
         residuals=tuple(records),
@@ -269,9 +278,21 @@ def residual_usage(program: VjpProgram) -> Usage:
         fused=fused,
         chains={
             **chains_of(records, fwd, producer, input_index, res_vars),
-            **slice_recipes(records, recipes, **scans, find=chain_for),
+            **slice_recipes(
+                records, recipes, **scans, find=chain_for, checkpoints=stacked_checkpoints
+            ),
         },
     )
+
+
+def _stacked_checkpoint(r: ResidualUsage) -> ResidualUsage:
+    """A scan's stacked carry (`_trace.scan_carry_checkpoints`): it moves no slices, and
+    unless a chain starts from it, it is never made (XLA drops the unread stack)."""
+    before = r.produced_at - 1  # an empty interval until `_plan` reads it
+    return dataclasses.replace(
+        r, offloadable=False, per_iteration=True, last_forward_use=before,
+        first_backward_use=before, last_backward_use=before,
+    )  # fmt: skip
 
 
 def chains_of(
@@ -351,9 +372,11 @@ def slice_recipes(
     var_of: Any,
     input_index: dict[Var, int],
     find: Any = None,
+    checkpoints: dict[Var, int] | None = None,
 ) -> dict[int, Recipe]:
     """`slice_recipe` of each per-iteration residual that has no recipe in `recipes`;
-    with `find=chain_for`, the chains that rebuild them one scan iteration at a time."""
+    with `find=chain_for`, the chains that rebuild them one scan iteration at a time,
+    which may start from `checkpoints` (stacked carries, by variable)."""
     found: dict[int, Recipe] = {}
     producer = def_use(forward_eqns)[0]
 
@@ -361,11 +384,11 @@ def slice_recipes(
         return broadcast_literal(v, producer, forward_eqns)
 
     for r in records:
-        if r.per_iteration and r.index not in recipes:
+        if r.per_iteration and r.index not in recipes and not r.checkpoint:
             (reader,) = readers_of(r.index)
             scan = forward_eqns[r.produced_at]
             recipe = slice_recipe(
-                scan, reader, var_of[r.index], stacked, input_index, find, fill_of
+                scan, reader, var_of[r.index], stacked, input_index, find, fill_of, checkpoints
             )
             if recipe is not None:
                 found[r.index] = recipe
@@ -380,6 +403,7 @@ def slice_recipe(
     input_index: dict,
     find: Any = None,
     fill_of: Any = lambda v: None,
+    checkpoints: dict[Var, int] | None = None,
 ) -> Recipe | None:
     """How the backward scan `reader` can rebuild, in each iteration, its slice of `v`
     (a stacked output of the forward `scan`): cheap equations of `scan`'s body, run
@@ -390,7 +414,9 @@ def slice_recipe(
     A const of `scan` that `reader` takes as a const too serves whole, and one that
     `fill_of` (outer variable -> scalar or None) says fills an array with a literal is
     made anew (the reference gpt_scan's attention mask and fill value, made once outside
-    the loop: its softmax `exp` is rebuilt from them and the iteration's q and k)."""
+    the loop: its softmax `exp` is rebuilt from them and the iteration's q and k). A
+    stacked output of `scan` in `checkpoints` serves too: the backward scan is given its
+    stack (`Recipe.stack_slices`)."""
     body = scan.params["jaxpr"].jaxpr
     num_consts, num_carry = scan_counts(scan)
     first_stacked = num_consts + num_carry
@@ -403,8 +429,12 @@ def slice_recipe(
     pairs += zip(scan.invars[:num_consts], body.invars[:num_consts], strict=True)
     anchors: dict[Var, int] = {}  # body variable -> residual index
     where: dict[int, tuple[Var, int]] = {}  # residual index -> (body var, reader operand)
+    given: dict[Var, int] = {}  # body variable -> stacked checkpoint given to `reader`
     for outer, inner in pairs:
         if outer is v or not isinstance(inner, Var) or inner in anchors:
+            continue
+        if checkpoints and isinstance(outer, Var) and outer in checkpoints:
+            anchors[inner] = given[inner] = checkpoints[outer]
             continue
         if not isinstance(outer, Var) or outer not in stacked:
             continue
@@ -438,8 +468,9 @@ def slice_recipe(
     body_var_of_input = {i: inner for inner, i in inputs.items()}
     return dataclasses.replace(
         recipe,
-        slices=tuple(where[j] for j in recipe.residual_anchors),
+        slices=tuple(where[j] for j in recipe.residual_anchors if j in where),
         input_slices=tuple(body_var_of_input[i] for i in recipe.input_anchors),
+        stack_slices=tuple((x, j) for x, j in given.items() if j in recipe.residual_anchors),
     )
 
 

@@ -458,6 +458,32 @@ def test_a_budget_rebuilds_masked_attention_in_the_backward_loop() -> None:
     assert report.moved_bytes == 0 and report.compiled.planned_step.d2h_bytes == 0
 
 
+def test_a_budget_rebuilds_a_scanned_layers_f32_norm_from_its_bf16_input() -> None:
+    # JAX saves the norm's f32 pieces of a bf16 layer input that is the scan's carry.
+    # A stacked checkpoint of the carry rebuilds them in the backward loop, as
+    # `jax.checkpoint` would: nothing moves (without it, the f32 pieces moved).
+    def layer(x: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(xf**2, axis=-1, keepdims=True) - mean**2
+        h = ((xf - mean) * lax.rsqrt(var + 1e-6)).astype(x.dtype)
+        return x + jnp.tanh(h @ w[0]) @ w[1], None
+
+    def loss(ws: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(lax.scan(layer, x, ws)[0].astype(jnp.float32) ** 2)
+
+    ws, x = spec((8, 2, 512, 512), jnp.bfloat16), spec((8192, 512), jnp.bfloat16)
+    plain = hetjax.analyze(loss, ws, x, policy="none", target="h200").compiled
+    budget = 0.4 * plain.plain.peak_bytes
+    report = hetjax.analyze(loss, ws, x, device_budget=budget, target="h200")
+    assert report.feasible and report.compiled.planned.peak_bytes <= budget
+    (stack,) = [r for r in report.residuals if r.checkpoint]
+    assert (stack.shape, stack.dtype, stack.decision) == ((8, 8192, 512), "bfloat16", "keep")
+    pieces = [r for r in report.residuals if r.shape == (8, 8192, 512) and r.dtype == "float32"]
+    assert pieces and {(r.decision, r.move) for r in pieces} == {("recompute", "per-iteration")}
+    assert report.moved_bytes == 0 and report.compiled.planned_step.d2h_bytes == 0
+
+
 def peak_of(peaks: list[int], asked: list[int]) -> Callable[[int], tuple[int, float]]:
     """Compiled figures by prefix length: the peak given, and a step time that grows
     with the prefix."""

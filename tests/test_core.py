@@ -581,6 +581,38 @@ def test_a_scan_rebuilds_masked_attention_from_a_fill_made_outside_the_loop():
         np.testing.assert_array_equal(grad(fun)(ws, x), grad(loss)(ws, x))
 
 
+def test_a_scan_rebuilds_a_layers_norms_from_its_stacked_input():
+    # The layer input is the scan's carry: JAX saves its norm's pieces, never the input.
+    # A per-iteration checkpoint stacks the carry; the backward loop rebuilds the pieces
+    # from its slice, as `jax.checkpoint` restarts a layer from its input.
+    def layer(x, w):
+        centered = x - jnp.mean(x, axis=-1, keepdims=True)
+        h = centered * lax.rsqrt(jnp.mean(centered**2, axis=-1, keepdims=True) + 1e-6)
+        return x + jnp.tanh(h @ w[0]) @ w[1], None
+
+    def loss(ws, x):
+        return jnp.sum(lax.scan(layer, x, ws)[0] ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    ws = jax.random.normal(keys[0], (4, 2, 64, 64)) * 0.1
+    x = jax.random.normal(keys[1], (256, 64))
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    usage = usage_and_plan(loss, (ws, x), {}, options)[0]
+    (stack,) = [r for r in usage.residuals if r.checkpoint]
+    assert (stack.shape, stack.per_iteration, stack.offloadable) == ((4, 256, 64), True, False)
+    from_stack = {k for k, chain in usage.chains.items() if chain.stack_slices}
+    assert from_stack and all(
+        usage.chains[k].residual_anchors == (stack.index,) for k in from_stack
+    )
+    fun = hetjax.het_offload(loss, min_bytes=0, device_budget=1)
+    with pytest.warns(hetjax.HetjaxWarning, match="cannot be met"):
+        report = fun.analyze(ws, x)
+    rebuilt = {r.index for r in report.residuals if r.decision == "recompute"}
+    assert rebuilt & from_stack and report.plan.residuals[stack.index].decision == "keep"
+    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        np.testing.assert_array_equal(grad(fun)(ws, x), grad(loss)(ws, x))
+
+
 def test_min_bytes_and_callable_policy():
     loss, (w, x) = MODELS["stacked_mlp"]()
     g = jax.grad(loss)(w, x)
