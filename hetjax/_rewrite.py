@@ -23,7 +23,7 @@ the others (`SliceRebuild`) and never stored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -248,6 +248,9 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
         host_pins.schedule(r.offload_by, v, r.produced_at)
 
     live = _live_eqns(jaxpr, [*jaxpr.outvars[: program.num_outputs], *stored_vars])
+    # Stacked by a scan only for chains that start from them (`_trace.with_checkpoints`).
+    unused = {res_vars[r.index] for r in plan.residuals if r.checkpoint and r.per_iteration}
+    unused -= set(stored_vars)
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, program.forward.consts, strict=True))
     env.update(zip(jaxpr.invars, inputs, strict=True))
@@ -259,9 +262,10 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
         if not live[i]:
             continue
         invals = [read_atom(env, v) for v in eqn.invars]
-        if i in sliced:
-            outs = scan_to_host(eqn, invals, sliced[i])
-            host.update((v, o) for v, o in zip(eqn.outvars, outs, strict=True) if v in sliced[i])
+        if i in sliced or not unused.isdisjoint(eqn.outvars):
+            outs = scan_to_host(eqn, invals, sliced.get(i, ()), unused)
+            moved = sliced.get(i, ())
+            host.update((v, o) for v, o in zip(eqn.outvars, outs, strict=True) if v in moved)
         else:
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
@@ -500,9 +504,13 @@ class HostStack(NamedTuple):
     last: Any  # the slice made by the forward's last iteration
 
 
-def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[Any]:
+def scan_to_host(
+    eqn: Any, invals: Sequence[Any], moved: Collection[Var], unused: Collection[Var] = ()
+) -> list[Any]:
     """Evaluate the scan `eqn` with its stacked outputs `moved` built in host memory,
-    one slice per iteration, as `HostStack`s: the stacks never exist on device.
+    one slice per iteration, as `HostStack`s: the stacks never exist on device. Its
+    stacked outputs in `unused` are not made (None): a per-iteration checkpoint that no
+    chain starts from, which eager execution would otherwise hold.
 
     Each iteration carries the slice it made to the next one, which copies it to host
     beside its own compute."""
@@ -510,6 +518,7 @@ def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[
     consts, init, xs = _split_scan(eqn, invals)
     nk = len(init)
     moves = [v in moved for v in eqn.outvars[nk:]]
+    made_here = [v not in unused for v in eqn.outvars[nk:]]
     held = [zeros_like_aval(a) for a, m in zip(body.out_avals[nk:], moves, strict=True) if m]
 
     def iteration(carry: tuple, x: list[Any]) -> tuple[tuple, list[Any]]:
@@ -518,10 +527,12 @@ def scan_to_host(eqn: Any, invals: Sequence[Any], moved: Sequence[Var]) -> list[
         made = [y for y, m in zip(outs[nk:], moves, strict=True) if m]
         previous = iter([to_host(h) for h in held])
         ys = [next(previous) if m else y for y, m in zip(outs[nk:], moves, strict=True)]
-        return (outs[:nk], made), ys
+        return (outs[:nk], made), [y for y, keep in zip(ys, made_here, strict=True) if keep]
 
     (carry, last), ys = scan_like(eqn, iteration, (init, held), xs)
     lasts = iter([to_host(h) for h in last])
+    kept = iter(ys)
+    ys = [next(kept) if keep else None for keep in made_here]
     stacks = [HostStack(y, next(lasts)) if m else y for y, m in zip(ys, moves, strict=True)]
     return [*carry, *stacks]
 

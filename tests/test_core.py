@@ -611,6 +611,18 @@ def test_a_scan_rebuilds_a_layers_norms_from_its_stacked_input():
     assert rebuilt & from_stack and report.plan.residuals[stack.index].decision == "keep"
     for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
         np.testing.assert_array_equal(grad(fun)(ws, x), grad(loss)(ws, x))
+    # Where no chain starts from it, the forward loop does not stack the carry (eager
+    # execution would hold it): it makes plain's outputs, plus one carried slice per
+    # stack it moves to host.
+    moving = hetjax.het_offload(loss, policy="all", min_bytes=0)
+    moved = [r for r in moving.analyze(ws, x).residuals
+             if (r.decision, r.move) == ("offload", "per-iteration")]  # fmt: skip
+
+    def forward_scan_outputs(f):
+        eqns = jax.make_jaxpr(jax.grad(f))(ws, x).jaxpr.eqns
+        return next(len(e.outvars) for e in eqns if e.primitive.name == "scan")
+
+    assert forward_scan_outputs(moving) == forward_scan_outputs(loss) + len(moved) > 0
 
 
 def test_min_bytes_and_callable_policy():
