@@ -524,12 +524,21 @@ def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     _assert_gradients_close(fun, loss, ws, x)
 
 
-def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice():
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice(causal):
     # The same layers under lax.scan: each backward iteration rebuilds its layer's
     # probabilities from its slices of q and k; the stacked probabilities never exist.
+    # Causal, `jnp.where(mask, scores, fill)`: JAX hoists the broadcast fill value out
+    # of the loop as a const of the scan that no residual holds; the backward loop
+    # makes it anew (`Recipe.fills`) to rebuild the softmax's `exp`.
+    mask = jnp.tril(jnp.ones((256, 256), bool))
+
     def layer(x, w):
         q, k, v = jnp.split(x @ w, 3, axis=-1)
-        probs = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k), axis=-1)
+        scores = jnp.einsum("btd,bsd->bts", q, k)
+        if causal:
+            scores = jnp.where(mask, scores, jnp.finfo(x.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
         return x + jnp.einsum("bts,bsd->btd", probs, v), None
 
     def loss(ws, x):
@@ -544,41 +553,13 @@ def test_a_budget_rebuilds_a_scans_attention_probabilities_slice_by_slice():
     probs = [r for r in report.residuals if r.shape == (4, 2, 256, 256)]
     assert probs and all(r.decision == "recompute" and r.move == "per-iteration" for r in probs)
     assert report.plan.recompute_s > 0 and report.moved_bytes == 0 and report.feasible
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    chains = usage_and_plan(loss, (ws, x), {}, options)[0].chains
+    filled = [report.plan.residuals[k] for k, chain in chains.items() if chain.fills]
+    assert [(r.shape, r.decision) for r in filled] == causal * [((4, 2, 256, 256), "recompute")]
     for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
         a, b = grad(fun)(ws, x), grad(loss)(ws, x)
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
-
-
-def test_a_scan_rebuilds_masked_attention_from_a_fill_made_outside_the_loop():
-    # `jnp.where(mask, scores, fill)` under scan: JAX hoists the broadcast fill value out
-    # of the loop as a const of the scan that no residual holds; the backward loop
-    # makes it anew (`Recipe.fills`) to rebuild the softmax's `exp` slice by slice.
-    mask = jnp.tril(jnp.ones((256, 256), bool))
-
-    def layer(x, w):
-        q, k, v = jnp.split(x @ w, 3, axis=-1)
-        scores = jnp.where(mask, jnp.einsum("btd,bsd->bts", q, k), jnp.finfo(x.dtype).min)
-        return x + jnp.einsum("bts,bsd->btd", jax.nn.softmax(scores, axis=-1), v), None
-
-    def loss(ws, x):
-        return jnp.sum(lax.scan(layer, x, ws)[0] ** 2)
-
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    ws = jax.random.normal(keys[0], (4, 32, 96)) * 0.1
-    x = jax.random.normal(keys[1], (2, 256, 32))
-    plain = hetjax.analyze(loss, ws, x, policy="none", min_bytes=0).baseline_peak_bytes
-    fun = hetjax.het_offload(loss, min_bytes=0, device_budget=0.5 * plain)
-    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    chains = usage_and_plan(loss, (ws, x), {}, options)[0].chains
-    filled = [k for k, chain in chains.items() if chain.fills]
-    report = fun.analyze(ws, x)
-    exps = [report.plan.residuals[k] for k in filled]
-    assert [(r.shape, r.decision, r.move) for r in exps] == [
-        ((4, 2, 256, 256), "recompute", "per-iteration")
-    ]
-    assert report.feasible and report.moved_bytes < plain
-    for grad in (jax.grad, lambda f: jax.jit(jax.grad(f))):
-        np.testing.assert_array_equal(grad(fun)(ws, x), grad(loss)(ws, x))
 
 
 def test_a_scan_rebuilds_a_layers_norms_from_its_stacked_input():
