@@ -264,7 +264,7 @@ def residual_usage(program: VjpProgram) -> Usage:
     )
     stacked_checkpoints = {
         res_vars[r.index]: r.index for r in records
-        if r.checkpoint and str(fwd.eqns[r.produced_at].primitive) == "scan"
+        if r.checkpoint and _stacked_by_scan(fwd.eqns[r.produced_at], res_vars[r.index])
     }  # fmt: skip
     records = [_stacked_checkpoint(r) if r.index in stacked_checkpoints.values() else r
                for r in records]  # fmt: skip
@@ -283,6 +283,11 @@ def residual_usage(program: VjpProgram) -> Usage:
             ),
         },
     )
+
+
+def _stacked_by_scan(eqn: Any, v: Var) -> bool:
+    """Whether `v` is a stacked output of the scan `eqn` (not its final carry)."""
+    return is_scan(eqn) and v in eqn.outvars[scan_counts(eqn)[1] :]
 
 
 def _stacked_checkpoint(r: ResidualUsage) -> ResidualUsage:
