@@ -19,10 +19,14 @@ target or the local GPU, and keeps only plans the compiler confirms:
 - with `device_budget=B`, B is compiled bytes (argument + output - alias + temp of the
   gradient computation). Where the plan "auto" takes without a budget compiles to at
   most B, it is kept: it costs at most 5% of the step time. Else the planner's greedy
-  order of choices (moves, and chains recomputed where that is cheaper than moving) is
-  searched by bisection for the shortest prefix that compiles to at most B (see
-  `_bisect`); where none does, `rebuild_choices` (with and without moves) is compiled
-  too, and the fastest plan within `NEAR_PEAK` of the lowest peak found is kept.
+  orders of choices (`_plan.budget_order`, with and without the moves the cost model
+  finds cheaper than rebuilding, on its clock calibrated to the compiled plain
+  program) are searched by bisection for the shortest prefix that compiles to at most
+  B (see `_bisect`); with every chain of the order rebuilt, with and without those
+  moves, as two more candidates, the fastest plan (predicted from its compiled
+  schedule) that meets B is kept. Where none does, `rebuild_choices` (with and
+  without moves) is compiled too, and the fastest plan within `NEAR_PEAK` of the
+  lowest peak found is kept.
 
 Compiled peaks are cached by the program, its input shapes, the plan's decisions and
 the target: a program traced again does not compile again.
@@ -44,7 +48,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._compat import Tracer, eval_jaxpr
 from ._compile import CompiledMemory, compile_for
-from ._plan import Plan, budget_order, hiding_order, make_plan, rebuild_choices, warn_once
+from ._cost import DeviceProfile, calibrated
+from ._plan import (
+    Plan,
+    budget_order,
+    chains_and_moves,
+    hiding_order,
+    make_plan,
+    rebuild_choices,
+    warn_once,
+)
 from ._rewrite import offloaded_call
 from ._simulate import StepEstimate, simulate_step
 from ._step import StepProgram, run_step
@@ -209,7 +222,8 @@ def _compiled(
 
 
 Inputs = list[Any]
-_compiles: dict[tuple, tuple[int, float | None]] = {}  # (program, decisions) -> figures
+# (program, decisions) -> (peak bytes, predicted step ms, predicted kernel ms)
+_compiles: dict[tuple, tuple[int, float | None, float | None]] = {}
 
 
 def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Plan:
@@ -230,27 +244,41 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             compiles += 1
             fun = gradient_program(primal, usage, plan)
             memory, step = _compiled(fun, target, tuple(avals), {})
-            _compiles[key] = (memory.peak_bytes, None if step is None else step.step_ms)
-        return _compiles[key]
+            _compiles[key] = (memory.peak_bytes, *((None, None) if step is None
+                              else (step.step_ms, step.compute_ms)))  # fmt: skip
+        return _compiles[key][:2]
 
     def peak(plan: Plan) -> int:
         return compiled(plan)[0]
 
     plain, plain_ms = compiled(None)
+    # A budget's plans space their copies by the cost model's clock calibrated to the
+    # compiled kernels (XLA fuses what the model charges per equation: on the reference
+    # gpt, H200, jax 0.11.2, the clock ran 2.9x slow and the pins left each copy 70% of
+    # its link time). "auto" without a budget keeps the model's own clock: its order is
+    # trimmed by compiled step times, and the model's optimism about hiding gives it
+    # more to choose from (reference mlp: 0.83 of plain's temp so, 0.89 calibrated).
+    plain_kernel_ms = _compiles[(program, None)][2]
+    budget_profile = profile
+    if plain_kernel_ms is not None:
+        budget_profile = calibrated(profile or DeviceProfile.for_platform("gpu"), usage.eqns,
+                                    plain_kernel_ms / 1e3)  # fmt: skip
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
     # Without a budget, "auto" takes the moves the cost model expects to hide, then
     # chains, in its order (or, where no prefix of that helps, the chains alone); a
     # budget takes the greedy order that lowers the modelled peak fastest.
     speed_first = policy == "auto" and budget is None
 
-    def prefix_of(order: list, speed_first: bool = speed_first) -> Callable[[int], Plan]:
+    def prefix_of(
+        order: list, speed_first: bool = speed_first, profile: DeviceProfile | None = profile
+    ) -> Callable[[int], Plan]:
         return lambda k: make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
                                    speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
 
     def step_ms_of(plan: Plan) -> float | None:
         return plain_ms if plan is unchanged else compiled(plan)[1]
 
-    def rebuilt(move: bool) -> list[tuple[Plan, int]]:
+    def rebuilt(move: bool, profile: DeviceProfile | None = profile) -> list[tuple[Plan, int]]:
         """`rebuild_choices`' plan and its peak; none where it chooses nothing."""
         choices = rebuild_choices(usage, min_bytes, profile, move)
         if not choices:
@@ -258,6 +286,23 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
                          speed_first=False, choices=choices)  # fmt: skip
         return [(plan, peak(plan))]
+
+    def by_chains(order: list, profile: DeviceProfile | None) -> list[tuple[Plan, int]]:
+        """Every residual of the greedy `order` that a chain may rebuild, rebuilt, and
+        nothing moved; then the same with the moves `_plan.chains_and_moves` picks; with
+        their peaks. Where the order's shortest prefix that meets the budget moves a
+        layer's checkpoints too, rebuilding each layer from kept checkpoints may meet it
+        faster. (The reference gpt at remat's peak, H200, jax 0.11.2: by hand, every
+        chain rebuilt met it at 208 ms predicted, against 223 for the order's prefix
+        with 1.5 GiB moved; these two, 2 chains deep at most, both missed it by 10%.)"""
+        chains, moved = chains_and_moves(usage, order, min_bytes, profile)
+        found = []
+        for choices in (chains, {**chains, **moved}):
+            if choices and (not found or moved):
+                plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
+                                 speed_first=False, choices=choices)  # fmt: skip
+                found.append((plan, peak(plan)))
+        return found
 
     def without_largest(plan: Plan, plain: int) -> list[tuple[Plan, int]]:
         """`plan` less its 1, 2, then 4 largest moves, until one compiles below `plain`."""
@@ -321,11 +366,26 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         if fast[1] <= budget:
             plan, planned = fast
         else:
-            order = budget_order(usage, min_bytes, profile)
-            best = _bisect(prefix_of(order), len(order), compiled, budget, (unchanged, plain))
-            plan, planned = min(best, fast, key=lambda c: c[1])
+            # The greedy order, with and without moving what the cost model says is
+            # cheaper to move than to rebuild (fewer flops: the reference gpt at 0.4 of
+            # plain's peak, 1.06x plain's matmul flops against 1.11x, and faster; at
+            # remat's peak, 1.17x against 1.22x, but 247 ms predicted against 223: the
+            # compiled copies hide less than the model says), then the fastest plan.
+            order = budget_order(usage, min_bytes, budget_profile)
+            orders = [order, budget_order(usage, min_bytes, budget_profile, worth=False)]
+            found = [fast, *by_chains(order, budget_profile)]
+            for each in orders[: 1 + (orders[1] != order)]:
+                prefix = prefix_of(each, profile=budget_profile)
+                found.append(_bisect(prefix, len(each), compiled, budget, (unchanged, plain)))
+            meets = [c for c in found if c[1] <= budget]
+            plan, planned = (
+                min(meets, key=lambda c: (step_ms_of(c[0]) or np.inf, c[1]))
+                if meets
+                else min(found, key=lambda c: c[1])
+            )
             if planned > budget:  # the greedy order fell short: try no-matmul rebuilds
-                found = [(plan, planned), *rebuilt(move=False), *rebuilt(move=True)]
+                found = [(plan, planned), *rebuilt(False, budget_profile),
+                         *rebuilt(True, budget_profile)]  # fmt: skip
                 lowest = min(p for _, p in found)
                 plan, planned = min(
                     (c for c in found if c[1] <= lowest * (1 + NEAR_PEAK)),

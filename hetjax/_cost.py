@@ -19,6 +19,7 @@ GB = 1e9
 # Gradient accumulation: a parameter's cotangent is the sum of its uses' cotangents,
 # padded to its shape ("add_any" is `add_jaxvals_p`'s name).
 GRADIENT_SUM_PRIMITIVES = frozenset({"add_any", "pad"})
+MIN_FUSION_SCALE = 0.05  # where a compiler's kernels outrun even the model's matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class DeviceProfile:
     device_memory_bytes: int
     host_memory_bytes: int
     memory_kinds_work: bool = True
+    # The compiled kernels' time for work other than matrix products over the cost
+    # model's: XLA fuses the elementwise work the model charges equation by equation.
+    # The compile check sets it from the compiled program (`calibrated`); 1 without one.
+    fusion_scale: float = 1.0
 
     @classmethod
     def for_platform(cls, platform: str) -> DeviceProfile:
@@ -70,8 +75,34 @@ class DeviceProfile:
         return num_bytes / self.h2d_bytes_per_s
 
 
+def calibrated(profile: DeviceProfile, eqns: Sequence[JaxprEqn], compute_s: float) -> DeviceProfile:
+    """`profile` with its `fusion_scale` set so that `eqns` take `compute_s` (a
+    compiler's figure for the same program: `_simulate`'s kernel time). Matrix products
+    keep their time; the rest of the work takes what is left.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from hetjax._cost import DeviceProfile, calibrated, jaxpr_seconds
+        >>> eqns = jax.make_jaxpr(lambda x: jnp.tanh(x) * 2)(jnp.ones(1024)).eqns
+        >>> p = calibrated(DeviceProfile.for_platform("gpu"), eqns, 1e-6)
+        >>> round(jaxpr_seconds(eqns, p) * 1e6, 3)
+        1.0
+    """
+    matmul, memory = np.sum([_split_seconds(e, profile) for e in eqns], axis=0)
+    if memory <= 0:
+        return profile
+    scale = max(compute_s - matmul, MIN_FUSION_SCALE * memory) / memory
+    return dataclasses.replace(profile, fusion_scale=float(scale))
+
+
 def eqn_seconds(eqn: JaxprEqn, profile: DeviceProfile) -> float:
     """Estimated run time of one equation, nested jaxprs included."""
+    matmul, memory = _split_seconds(eqn, profile)
+    return matmul + memory * profile.fusion_scale
+
+
+def _split_seconds(eqn: JaxprEqn, profile: DeviceProfile) -> tuple[float, float]:
+    """An equation's time in matrix products, and in other work before `fusion_scale`."""
     name = str(eqn.primitive)
     moved = sum(nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars) if hasattr(v, "aval"))
     memory_time = moved / profile.memory_bytes_per_s
@@ -79,19 +110,19 @@ def eqn_seconds(eqn: JaxprEqn, profile: DeviceProfile) -> float:
         # XLA fuses a parameter's padded, summed cotangents into one kernel at the end,
         # which reads each piece once (reference mlp, H200).
         smallest = min(nbytes(v.aval) for v in eqn.invars if hasattr(v, "aval"))
-        return smallest / profile.memory_bytes_per_s
+        return 0.0, smallest / profile.memory_bytes_per_s
     if name == "dot_general":
-        return max(_dot_flops(eqn) / profile.matmul_flops_per_s, memory_time)
+        return max(_dot_flops(eqn) / profile.matmul_flops_per_s, memory_time), 0.0
     if name == "conv_general_dilated":
-        return max(_conv_flops(eqn) / profile.matmul_flops_per_s, memory_time)
+        return max(_conv_flops(eqn) / profile.matmul_flops_per_s, memory_time), 0.0
     inner = sub_jaxprs(eqn)
     if inner:
         reps = int(eqn.params.get("length", 1)) if name == "scan" else 1
-        body = sum(jaxpr_seconds(j.eqns, profile) for j in inner)
+        body = np.sum([_split_seconds(e, profile) for j in inner for e in j.eqns], axis=0)
         if name == "cond":  # one branch runs
-            body /= len(inner)
-        return reps * body
-    return memory_time
+            body = body / len(inner)
+        return float(reps * body[0]), float(reps * body[1])
+    return 0.0, memory_time
 
 
 def jaxpr_seconds(eqns: Sequence[JaxprEqn], profile: DeviceProfile) -> float:

@@ -196,6 +196,12 @@ def make_plan(
             chosen = {r.index: "offload" for r in eligible}
         elif device_budget is not None:
             chosen = dict(_greedy_choices(usage, eligible, device_budget, evaluate, profile))
+            if evaluate(chosen)[1].max() > device_budget:  # unmet: memory before time
+                rebuilding = dict(
+                    _greedy_choices(usage, eligible, device_budget, evaluate, profile, False)
+                )
+                if evaluate(rebuilding)[1].max() < evaluate(chosen)[1].max():
+                    chosen = rebuilding
         else:
             allowed = clock[-1] * NO_SLOWDOWN_FRACTION
             chosen = dict(_no_slowdown(usage, eligible, allowed, evaluate, profile))
@@ -285,13 +291,14 @@ Evaluate = Callable[[Mapping[int, Decision]], tuple[tuple[ResidualUsage, ...], n
 
 
 def budget_order(
-    usage: Usage, min_bytes: int, profile: DeviceProfile | None = None
+    usage: Usage, min_bytes: int, profile: DeviceProfile | None = None, worth: bool = True
 ) -> list[tuple[int, Decision]]:
     """The budget mode's choices (a residual and "offload" or "recompute"), in the order
     it takes them, down to the smallest peak the model can reach: a smaller budget takes
-    a longer prefix of it."""
+    a longer prefix of it. Without `worth`, it moves nothing a chain may rebuild faster
+    than the link carries it, hidden or not (`_greedy_choices`)."""
     profile, _, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
-    return _greedy_choices(usage, eligible, -np.inf, evaluate, profile)
+    return _greedy_choices(usage, eligible, -np.inf, evaluate, profile, worth)
 
 
 def rebuild_choices(
@@ -312,6 +319,25 @@ def rebuild_choices(
     if move:
         chosen |= {r.index: "offload" for r in eligible if r.offloadable and r.index not in chosen}
     return chosen
+
+
+def chains_and_moves(
+    usage: Usage,
+    order: list[tuple[int, Decision]],
+    min_bytes: int,
+    profile: DeviceProfile | None = None,
+    max_depth: int = MAX_CHAIN_DEPTH,
+) -> tuple[dict[int, Decision], dict[int, Decision]]:
+    """Every residual of `order` (`budget_order`) that a chain may rebuild, in order,
+    rebuilt (`max_depth` chains with a matmul deep at most); and, of those, the ones
+    worth moving instead (`_worth_moving`), moved."""
+    profile, _, eligible, evaluate = _choices(usage, "auto", min_bytes, profile)
+    rebuilt: dict[int, Decision] = {}
+    for k, _ in order:
+        if _chain_allowed(usage, k, rebuilt, max_depth=max_depth):
+            rebuilt[k] = "recompute"
+    worth = _worth_moving(usage, eligible, evaluate, profile)
+    return rebuilt, {k: "offload" for k in rebuilt if k in worth}
 
 
 def _choices(
@@ -365,11 +391,15 @@ def _greedy_choices(
     budget: float,
     evaluate: Evaluate,
     profile: DeviceProfile,
+    worth: bool = True,
 ) -> list[tuple[int, Decision]]:
     """Until the predicted peak is at most `budget`: free the biggest residual idle at
-    the peak. Recompute it by its chain where that takes less time than its two copies
-    over the link (the link is shared by every move, hidden or not), else move it."""
+    the peak. Move it where it is among those worth the link (`_worth_moving`, with
+    `worth`); else recompute it by its chain where that takes less time than its two
+    copies over the link (the link is shared by every move, hidden or not), else move
+    it."""
     chosen: dict[int, Decision] = {}
+    moving = _worth_moving(usage, eligible, evaluate, profile) if worth else frozenset()
     while True:
         records, memory, _ = evaluate(chosen)
         if memory.max() <= budget:
@@ -387,13 +417,54 @@ def _greedy_choices(
         best = max(idle, key=lambda r: (r.nbytes, r.idle_span, -r.index))
         link_s = profile.d2h_seconds(best.nbytes) + profile.h2d_seconds(best.nbytes)
         rebuild = _chain_allowed(usage, best.index, chosen) and (
-            not best.offloadable or chain_seconds(usage, best.index, profile) < link_s
+            not best.offloadable
+            or (best.index not in moving and chain_seconds(usage, best.index, profile) < link_s)
         )
         chosen[best.index] = "recompute" if rebuild else "offload"
 
 
+def _worth_moving(
+    usage: Usage, eligible: list[ResidualUsage], evaluate: Evaluate, profile: DeviceProfile
+) -> frozenset[int]:
+    """The residuals cheaper to move than to rebuild, taken in order of their chains'
+    time, costliest first: each where the link time it adds beyond what hides under
+    compute (the queue model of `evaluate`) is less than its chain's time. Each move
+    narrows the window of the one before it (a copy must be done before the next moved
+    residual is made), so the link goes first to what saves the most recomputation
+    (the reference gpt: its MLP's hidden layer, every other layer; taken by time per
+    byte, the attention's small outputs went first and left q, k and v no window).
+    Residuals moved one scan iteration at a time are left out: the compiled schedule's
+    copies into a host stack (`_simulate`) do not hide.
+    # TODO: a GPU run to say whether per-iteration copies hide (the planner's queue
+    # model says they do).
+    """
+    rebuildable = [
+        r for r in eligible
+        if r.offloadable and not r.per_iteration and r.index in usage.chains
+        and _matmul_in(usage, r.index)
+    ]  # fmt: skip
+    # Outputs of one equation (a layer's q, k and v, split from one matmul) share their
+    # chain: moving some of them saves nothing. They move together or not at all.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for r in rebuildable:
+        groups.setdefault(usage.chains[r.index].eqns, []).append(r.index)
+    cost = {g: chain_seconds(usage, ks[0], profile) for g, ks in groups.items()}
+    moved: dict[int, Decision] = {}
+    exposed = 0.0
+    for g in sorted(groups, key=lambda g: (-cost[g], groups[g])):
+        trial = {**moved, **dict.fromkeys(groups[g], "offload")}
+        added = evaluate(trial)[2] - exposed
+        if added < cost[g]:
+            moved, exposed = trial, exposed + added
+    return frozenset(moved)
+
+
 def _chain_allowed(
-    usage: Usage, k: int, chosen: Mapping[int, Decision], every_chain: bool = False
+    usage: Usage,
+    k: int,
+    chosen: Mapping[int, Decision],
+    every_chain: bool = False,
+    max_depth: int = MAX_CHAIN_DEPTH,
 ) -> bool:
     """Whether residual `k` may be rebuilt by its chain, given the choices so far: no
     value may then rest on more than `MAX_CHAIN_DEPTH` chains with a matmul (with
@@ -415,7 +486,7 @@ def _chain_allowed(
             )
         return depth[j]
 
-    return all(of(j) <= MAX_CHAIN_DEPTH for j, d in tentative.items() if d == "recompute")
+    return all(of(j) <= max_depth for j, d in tentative.items() if d == "recompute")
 
 
 def _matmul_in(usage: Usage, k: int) -> bool:

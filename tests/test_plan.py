@@ -278,3 +278,47 @@ def test_per_iteration_residual_pins_memory_and_exposure():
     whole = make_plan(synthetic([dataclasses.replace(stack, per_iteration=False)], args=0),
                       "all", min_bytes=0)  # fmt: skip
     assert whole.predicted_peak_bytes == 100 * MB > plan.predicted_peak_bytes
+
+
+def test_calibration_keeps_matmul_time_and_scales_the_rest():
+    from hetjax._cost import (
+        MIN_FUSION_SCALE,
+        DeviceProfile,
+        calibrated,
+        eqn_seconds,
+        jaxpr_seconds,
+    )
+
+    profile = DeviceProfile.for_platform("gpu")
+    a = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+    eqns = jax.make_jaxpr(lambda a, b: jnp.tanh(a @ b) * 2)(a, a).eqns
+    (dot,) = [e for e in eqns if e.primitive.name == "dot_general"]
+    matmul, total = eqn_seconds(dot, profile), jaxpr_seconds(eqns, profile)
+    # Compiled, the elementwise work takes a quarter of the model's time (fused).
+    fused = calibrated(profile, eqns, matmul + (total - matmul) / 4)
+    assert fused.fusion_scale == pytest.approx(0.25)
+    assert eqn_seconds(dot, fused) == matmul
+    assert jaxpr_seconds(eqns, fused) == pytest.approx(matmul + (total - matmul) / 4)
+    # Faster than the model's matmuls alone: the rest keeps a floor.
+    assert calibrated(profile, eqns, matmul / 2).fusion_scale == MIN_FUSION_SCALE
+
+
+def test_a_budget_moves_a_matmul_chains_value_where_the_link_hides_it():
+    """The budget order moves a residual whose chain runs a matmul where its copies hide
+    under compute (the planner's queue model), though they take longer than the chain:
+    the link time is free then, the flops are not. Where the copies would not hide, it
+    rebuilds the residual."""
+    from hetjax._api import usage_and_plan
+    from hetjax._cost import DeviceProfile
+    from hetjax._plan import budget_order, chain_seconds
+
+    loss, args = MODELS["attention"]()
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    usage = usage_and_plan(loss, args, {}, options)[0]
+    (exp,) = [r for r in usage.residuals if r.primitive == "exp"]
+    profile = DeviceProfile.for_platform("gpu")
+    link_s = profile.d2h_seconds(exp.nbytes) + profile.h2d_seconds(exp.nbytes)
+    assert chain_seconds(usage, exp.index, profile) < link_s
+    assert dict(budget_order(usage, 0))[exp.index] == "offload"
+    slow = dataclasses.replace(profile, d2h_bytes_per_s=1e3, h2d_bytes_per_s=1e3)
+    assert dict(budget_order(usage, 0, slow))[exp.index] == "recompute"
