@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 
 import jax
@@ -322,3 +323,55 @@ def test_a_budget_moves_a_matmul_chains_value_where_the_link_hides_it():
     assert dict(budget_order(usage, 0))[exp.index] == "offload"
     slow = dataclasses.replace(profile, d2h_bytes_per_s=1e3, h2d_bytes_per_s=1e3)
     assert dict(budget_order(usage, 0, slow))[exp.index] == "recompute"
+
+
+def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`chains_and_moves` rebuilds the greedy order's residuals one chain deeper than the
+    order may (a layer's attention output, from its probabilities and v), then any other
+    that frees its bytes at the modelled peak: not the logits' `exp`, needed there."""
+    import importlib.util
+    from pathlib import Path
+
+    from hetjax._api import flatten_call, plan_for, trace_primal
+    from hetjax._plan import (
+        LAYER_CHAIN_DEPTH,
+        MAX_CHAIN_DEPTH,
+        _chain_allowed,
+        _choices,
+        budget_order,
+        chains_and_moves,
+    )
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "models.py"
+    spec = importlib.util.spec_from_file_location("benchmark_models", path)
+    models = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, models)  # its dataclasses look it up
+    spec.loader.exec_module(models)
+    config = {"layers": 3, "dim": 256, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
+    models.GPT_PRESETS["three_layers"] = config
+    model = models.MODELS["gpt"]("three_layers")
+    flat, dynamic, *_ = flatten_call(model.loss, jax.eval_shape(model.init), {})
+    primal, consts, _ = trace_primal(flat, dynamic)
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    usage = plan_for(primal, [*consts, *dynamic], options)[0]
+
+    order = dict(budget_order(usage, 0))
+    rebuilt, moved = chains_and_moves(usage, list(order.items()), 0)
+    evaluate = _choices(usage, "auto", 0, None)[3]
+    peak = evaluate(rebuilt)[1].max()
+    beyond = [k for k in rebuilt if k not in order]
+    assert beyond
+    for k in beyond:  # each frees at least half its bytes at the peak
+        without = {j: d for j, d in rebuilt.items() if j != k}
+        assert evaluate(without)[1].max() - peak >= usage.residuals[k].nbytes / 2
+    # Some rebuilt value rests on three chains with a matmul, which the order never takes.
+    some = next(iter(rebuilt))
+    assert _chain_allowed(usage, some, rebuilt, max_depth=LAYER_CHAIN_DEPTH)
+    assert not _chain_allowed(usage, some, rebuilt, max_depth=MAX_CHAIN_DEPTH)
+    logits_exp = [r for r in usage.residuals if r.primitive == "exp"][-1]
+    assert logits_exp.shape[-1] == config["vocab"]
+    assert _chain_allowed(usage, logits_exp.index, rebuilt, max_depth=LAYER_CHAIN_DEPTH)
+    assert logits_exp.index not in rebuilt
+    assert set(moved) <= set(rebuilt)
