@@ -326,6 +326,8 @@ def run_backward(
     env.update(zip(ct_invars, cotangents, strict=True))
     recent = [next((c for c in cotangents if hasattr(c, "shape")), None)]
 
+    on_tie: set[int] = set()  # rebuilt residuals whose values rest on a tie (`replay`)
+
     def fetch(k: int) -> None:
         if k in on_host:
             value[k] = to_device(on_host.pop(k))
@@ -342,7 +344,10 @@ def run_backward(
             anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
             anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
             after = recent[0] if forced else None
-            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, after)
+            fresh = {res_vars[a] for a in recipe.residual_anchors if a in on_tie}
+            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, after, untied=fresh)
+            if forced or fresh:
+                on_tie.add(k)
         return value[k]
 
     def read(v: Any) -> Any:
@@ -469,14 +474,27 @@ def from_stored(
     )  # fmt: skip
 
 
-def replay(eqns: Sequence[Any], recipe: Recipe, target: Var, anchors: dict, after: Any) -> Any:
+def replay(
+    eqns: Sequence[Any],
+    recipe: Recipe,
+    target: Var,
+    anchors: dict,
+    after: Any,
+    untied: Collection[Var] = (),
+) -> Any:
     """Rebuild `target` in the backward: run `recipe`'s equations (indices into `eqns`)
-    on the `anchors` (variable -> value), tied to the value `after` first."""
-    if after is not None:
+    on the `anchors` (variable -> value), those not in `untied` tied to the value `after`
+    first."""
+    tie = [v for v in anchors if v not in untied]
+    if after is not None and tie:
         # Keeps XLA from merging this with the forward's copy (CSE) and from hoisting
-        # it out of the backward.
-        tied, _ = _tie(list(anchors.values()), after)
-        anchors = dict(zip(anchors, tied, strict=True))
+        # it out of the backward. An anchor rebuilt from tied values is the backward's
+        # own already; tied again, XLA must materialize it across the barrier: the
+        # reference gpt's f32 softmax `exp`, 1 GiB a layer, read by its sum's chain,
+        # split the fused softmax in three kernels (every chain rebuilt, H200, jax
+        # 0.11.2: 209 ms predicted tied, 190 untied; per-layer `jax.checkpoint` 183).
+        tied, _ = _tie([anchors[v] for v in tie], after)
+        anchors = {**anchors, **dict(zip(tie, tied, strict=True))}
     local = dict(anchors)
     for e in recipe.eqns:
         eqn = eqns[e]

@@ -225,6 +225,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
 
     inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
     rebuilt: set[int] = set()
+    on_tie: set[int] = set()  # rebuilt residuals whose values rest on a tie (`replay`)
 
     def recompute(k: int) -> None:
         """Rebuild residual `k` for the backward (and first any recomputed anchor), so
@@ -240,7 +241,10 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         anchors.update((inputs_of[a], env[inputs_of[a]]) for a in recipe.input_anchors)
         forced = is_forced(recipe, jaxpr.eqns, {r.index: r.decision for r in plan.residuals})
         after = env.get(recent) if forced else None
-        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, after)
+        fresh = {res_vars[a] for a in recipe.residual_anchors if a in on_tie}
+        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, after, fresh)
+        if forced or fresh:
+            on_tie.add(k)
 
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, closed.consts, strict=True))

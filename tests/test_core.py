@@ -488,6 +488,41 @@ def test_a_budget_rebuilds_attention_probabilities_by_a_chain():
     _assert_gradients_close(fun, loss, ws, x)
 
 
+def test_a_chain_reads_an_anchor_rebuilt_by_a_chain_as_it_is():
+    """The softmax's sum is rebuilt from its exp, itself rebuilt from q and k by a chain
+    tied into the backward: the sum reads that exp untied. Tied again, XLA had to write
+    the f32 exp out across the barrier (the reference gpt, H200: the fused softmax split
+    in three kernels, 19 ms a step predicted). The gradients stay plain's."""
+    from hetjax._api import flatten_call, plan_for, trace_primal
+    from hetjax._check import gradient_program
+    from hetjax._plan import budget_order, chains_and_moves, make_plan
+
+    def loss(ws, x):
+        for w in ws:
+            x = x + _attention(x, w)
+        return jnp.sum(x**2)
+
+    ws, x = _four_attention_layers()
+    flat, dynamic, *_ = flatten_call(loss, (ws, x), {})
+    primal, consts, _ = trace_primal(flat, dynamic)
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    usage = plan_for(primal, [*consts, *dynamic], options)[0]
+    chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
+    plan = make_plan(usage, "auto", min_bytes=0, choices=chains)
+    rebuilt = {r.index: r for r in plan.residuals if r.decision == "recompute"}
+    exps = {k for k, r in rebuilt.items() if r.primitive == "exp" and k in usage.chains}
+    sums = [k for k in rebuilt if k in usage.chains and exps & {*usage.chains[k].residual_anchors}]
+    assert exps and sums
+    text = jax.jit(gradient_program(primal, usage, plan)).lower(*consts, *dynamic).as_text()
+    barriers = [line for line in text.splitlines() if "optimization_barrier" in line]
+    assert barriers  # q and k are tied, where the exp's chain starts
+    assert not any("tensor<2x256x256xf32>" in line for line in barriers)
+    inputs = (*consts, *dynamic)
+    planned, plain = (jax.jit(gradient_program(primal, usage, p))(*inputs) for p in (plan, None))
+    for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     # Pre-norm residual layers: the stream x is no residual (the norm keeps its own f32
     # pieces), but it lives across the layer, so it is a checkpoint. Under a tight
