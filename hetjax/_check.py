@@ -380,8 +380,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             if all(p > budget for _, p in found):  # short: try no-matmul rebuilds too
                 found += [*rebuilt(False, budget_profile), *rebuilt(True, budget_profile)]
             # Unmet, every plan within NEAR_PEAK of the lowest peak competes: a plan that
-            # is lower by a hair may be slower by much (the reference mlp at 0.6 of
-            # plain's peak, H200, jax 0.10.2: 52 ms predicted against 50).
+            # is lower by a hair may be slower by much.
             lowest = min(p for _, p in found)
             limit = budget if lowest <= budget else lowest * (1 + NEAR_PEAK)
             plan, planned = min(
