@@ -292,10 +292,11 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         nothing moved; then the same with the moves `_plan.chains_and_moves` picks; with
         their peaks. Where the order's shortest prefix that meets the budget moves a
         layer's checkpoints too, rebuilding each layer from kept checkpoints may meet it
-        faster. (The reference gpt at remat's peak, H200, jax 0.11.2: every chain
-        rebuilt met it at 209 ms predicted, 0.96 of remat's extra flops, against 222 ms
-        and 1.05 for the order's prefix with 1.5 GiB moved; with the moves, 0.84 but
-        235 ms: the compiled copies hide less than the model says.)"""
+        faster. (The reference gpt's train step at remat's peak, H200, jax 0.11.2:
+        every chain rebuilt met it at 194 ms predicted, 0.93 of remat's extra flops,
+        where the order's prefix took 222 ms and 1.05, moving 1.5 GiB. With the moves,
+        its loss gradient: 0.84 at 216 ms against 190; the compiled copies hide less
+        than the model says.)"""
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         found = []
         for choices in (chains, {**chains, **moved}):
