@@ -334,7 +334,7 @@ def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the
     import importlib.util
     from pathlib import Path
 
-    from hetjax._api import flatten_call, plan_for, trace_primal
+    from hetjax._api import usage_and_plan
     from hetjax._plan import (
         LAYER_CHAIN_DEPTH,
         MAX_CHAIN_DEPTH,
@@ -352,10 +352,8 @@ def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the
     config = {"layers": 3, "dim": 256, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
     models.GPT_PRESETS["three_layers"] = config
     model = models.MODELS["gpt"]("three_layers")
-    flat, dynamic, *_ = flatten_call(model.loss, jax.eval_shape(model.init), {})
-    primal, consts, _ = trace_primal(flat, dynamic)
     options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = plan_for(primal, [*consts, *dynamic], options)[0]
+    usage = usage_and_plan(model.loss, jax.eval_shape(model.init), {}, options)[0]
 
     order = dict(budget_order(usage, 0))
     rebuilt, moved = chains_and_moves(usage, list(order.items()), 0)
