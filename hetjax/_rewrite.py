@@ -41,6 +41,7 @@ from ._compat import (
     zeros_like_aval,
 )
 from ._cost import GRADIENT_SUM_PRIMITIVES
+from ._fusion import fuses
 from ._plan import Plan, arrival_positions
 from ._trace import runs_a_matmul, scan_like
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
@@ -374,17 +375,25 @@ def run_backward(
     # 14.8 GB loss-gradient peak untied, 11.5 tied). Not otherwise: a 16-layer bf16 MLP
     # whose chains rest on residuals compiled above plain at every budget tied (jax
     # 0.10.2; 0.79 of plain's peak untied), and plans that only move stay as they were.
+    # The tie's anchor is a value XLA stores anyway (not one it would fuse into its
+    # readers, which the barrier makes it write out): with every chain of the reference
+    # gpt rebuilt (H200, jax 0.11.2), anchored on the next flowing input, 50 f32
+    # (b, t, d) broadcasts and products were written out; 190.3 ms predicted, and
+    # 187.7 anchored so, at the same compiled peak.
     restarts = any(r.checkpoint and r.read_in_backward for r in plan.residuals)
     pieces = gradient_pieces(jaxpr) if restarts and not plan.speed_first else set()
     pending: list[Var] = []  # pieces made since the last flowing equation
+    stored_anyway = set(ct_invars)  # flowing values not fused into their readers
+    unfit = pieces | sums
     late: list[int] = []
     for j, eqn in enumerate(jaxpr.eqns):
         ks = [k for k in (*late, *prefetch.get(j, ())) if k in on_host]
-        anchor = _first_var(eqn, env, lambda v: v in flowing and v not in sums)
-        if pending and anchor is not None and anchor not in pieces:
-            tied, env[anchor] = _tie([env[v] for v in pending], env[anchor])
+        at = _first_var(eqn, env, lambda v: v in stored_anyway and v not in unfit)
+        if pending and at is not None:
+            tied, env[at] = _tie([env[v] for v in pending], env[at])
             env.update(zip(pending, tied, strict=True))
             pending = []
+        anchor = _first_var(eqn, env, lambda v: v in flowing and v not in sums)
         late = []
         if ks and anchor is None and j + 1 < len(jaxpr.eqns):
             late, ks = ks, []
@@ -416,6 +425,8 @@ def run_backward(
             pending.extend(eqn.outvars)
         if any(isinstance(v, Var) and v in flowing for v in eqn.invars):
             flowing.update(eqn.outvars)
+            if not fuses(eqn):
+                stored_anyway.update(eqn.outvars)
         if outs and hasattr(outs[0], "shape") and eqn.outvars[0] not in sums:
             recent[0] = outs[0]
     return [read(v) for v in jaxpr.outvars]
