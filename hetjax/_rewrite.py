@@ -377,8 +377,8 @@ def run_backward(
     # 0.10.2; 0.79 of plain's peak untied), and plans that only move stay as they were.
     # The tie's anchor is a value XLA stores anyway (not one it would fuse into its
     # readers, which the barrier makes it write out): with every chain of the reference
-    # gpt rebuilt (H200, jax 0.11.2), anchored on the next flowing input, 50 f32
-    # (b, t, d) broadcasts and products were written out; 190.3 ms predicted, and
+    # gpt rebuilt (H200, jax 0.11.2), anchored on the next flowing input, XLA wrote 25
+    # f32 (b*t, d) products out and read more around them: 190.3 ms predicted, and
     # 187.7 anchored so, at the same compiled peak. The reference cnn's budgets: 0.91
     # of plain's train-step temp at 1.51x its predicted time, and 0.78 at 1.29x.
     restarts = any(r.checkpoint and r.read_in_backward for r in plan.residuals)
