@@ -467,6 +467,31 @@ def _four_attention_layers():
     return ws, jax.random.normal(keys[4], (2, 256, 32))
 
 
+def _every_chain_rebuilt(loss, *args, speed_first):
+    """The primal jaxpr of `loss`, its flat inputs, its usage, and the plan that rebuilds
+    every chain of the budget order (`_plan.chains_and_moves`), nothing moved."""
+    from hetjax._api import flatten_call, plan_for, trace_primal
+    from hetjax._plan import budget_order, chains_and_moves, make_plan
+
+    flat, dynamic, *_ = flatten_call(loss, args, {})
+    primal, consts, _ = trace_primal(flat, dynamic)
+    inputs = [*consts, *dynamic]
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    usage = plan_for(primal, inputs, options)[0]
+    chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
+    plan = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=speed_first)
+    return primal, inputs, usage, plan
+
+
+def _assert_plan_gradients_close(primal, inputs, usage, plan):
+    """The gradient computation with `plan` gives plain's values (within rounding)."""
+    from hetjax._check import gradient_program
+
+    planned, plain = (jax.jit(gradient_program(primal, usage, p))(*inputs) for p in (plan, None))
+    for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def _assert_gradients_close(fun, loss, *args):
     # Forward work run again, as under jax.checkpoint: XLA may fuse (and so round) it
     # differently from the forward's (jax 0.12, op by op: 2e-7 of the largest entry).
@@ -499,34 +524,24 @@ def test_a_chain_reads_an_anchor_rebuilt_by_a_chain_as_it_is():
     tied into the backward: the sum reads that exp untied. Tied again, XLA had to write
     the f32 exp out across the barrier (the reference gpt, H200: the fused softmax split
     in three kernels, 19 ms a step predicted). The gradients stay plain's."""
-    from hetjax._api import flatten_call, plan_for, trace_primal
     from hetjax._check import gradient_program
-    from hetjax._plan import budget_order, chains_and_moves, make_plan
 
     def loss(ws, x):
         for w in ws:
             x = x + _attention(x, w)
         return jnp.sum(x**2)
 
-    ws, x = _four_attention_layers()
-    flat, dynamic, *_ = flatten_call(loss, (ws, x), {})
-    primal, consts, _ = trace_primal(flat, dynamic)
-    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = plan_for(primal, [*consts, *dynamic], options)[0]
-    chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
-    plan = make_plan(usage, "auto", min_bytes=0, choices=chains)
+    primal, inputs, usage, plan = _every_chain_rebuilt(loss, *_four_attention_layers(),
+                                                       speed_first=True)  # fmt: skip
     rebuilt = {r.index: r for r in plan.residuals if r.decision == "recompute"}
     exps = {k for k, r in rebuilt.items() if r.primitive == "exp" and k in usage.chains}
     sums = [k for k in rebuilt if k in usage.chains and exps & {*usage.chains[k].residual_anchors}]
     assert exps and sums
-    text = jax.jit(gradient_program(primal, usage, plan)).lower(*consts, *dynamic).as_text()
+    text = jax.jit(gradient_program(primal, usage, plan)).lower(*inputs).as_text()
     barriers = [line for line in text.splitlines() if "optimization_barrier" in line]
     assert barriers  # q and k are tied, where the exp's chain starts
     assert not any("tensor<2x256x256xf32>" in line for line in barriers)
-    inputs = (*consts, *dynamic)
-    planned, plain = (jax.jit(gradient_program(primal, usage, p))(*inputs) for p in (plan, None))
-    for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+    _assert_plan_gradients_close(primal, inputs, usage, plan)
 
 
 def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
@@ -535,11 +550,9 @@ def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
     a reduction), never one it would fuse into its readers: the barrier would make it
     write that out (the reference gpt, H200: 25 f32 (b*t, d) products a step; 2.6 ms
     predicted in all)."""
-    from hetjax._api import flatten_call, plan_for, trace_primal
     from hetjax._check import gradient_program
     from hetjax._compat import sub_jaxprs
     from hetjax._fusion import fuses
-    from hetjax._plan import budget_order, chains_and_moves, make_plan
 
     def loss(params, x):
         for w, b in params:
@@ -549,14 +562,9 @@ def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
 
     ws, x = _four_attention_layers()
     params = [(w, jnp.full(32, 0.1)) for w in ws]
-    flat, dynamic, *_ = flatten_call(loss, (params, x), {})
-    primal, consts, _ = trace_primal(flat, dynamic)
-    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = plan_for(primal, [*consts, *dynamic], options)[0]
-    chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
-    plan = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=False)
+    primal, inputs, usage, plan = _every_chain_rebuilt(loss, params, x, speed_first=False)
     assert any(r.checkpoint and r.read_in_backward for r in plan.residuals)  # restarts
-    program = jax.make_jaxpr(gradient_program(primal, usage, plan))(*consts, *dynamic)
+    program = jax.make_jaxpr(gradient_program(primal, usage, plan))(*inputs)
     shapes = {w.shape for w in ws} | {(32,)}
     anchors = []  # producers of the anchors of barriers that tie made weight-shaped values
 
@@ -575,10 +583,7 @@ def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
     visit(program.jaxpr)
     assert anchors
     assert not [a.primitive.name for a in anchors if a is not None and fuses(a)]
-    inputs = (*consts, *dynamic)
-    planned, plain = (jax.jit(gradient_program(primal, usage, p))(*inputs) for p in (plan, None))
-    for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+    _assert_plan_gradients_close(primal, inputs, usage, plan)
 
 
 def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
