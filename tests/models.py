@@ -49,6 +49,12 @@ def stacked_mlp() -> Model:
     return loss, (w, x)
 
 
+def max_pool(x: jax.Array) -> jax.Array:
+    """3 x 3 windows, stride 2, NHWC, padded: the benchmarks' cnn's pool."""
+    pads = ((0, 0), (0, 1), (0, 1), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
+
+
 def cnn() -> Model:
     """Conv, relu, max-pool, dense head, int labels."""
     k = _keys(4)
