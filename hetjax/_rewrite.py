@@ -327,7 +327,7 @@ def run_backward(
     env.update(zip(ct_invars, cotangents, strict=True))
     recent = [next((c for c in cotangents if hasattr(c, "shape")), None)]
 
-    on_tie: set[int] = set()  # rebuilt residuals whose values rest on a tie (`replay`)
+    replays = TiedReplays(res_vars)
 
     def fetch(k: int) -> None:
         if k in on_host:
@@ -344,11 +344,7 @@ def run_backward(
                 recipe = from_stored(usage, recipe, fwd.eqns, decision)
             anchors = {res_vars[a]: materialize(a) for a in recipe.residual_anchors}
             anchors.update((fwd.invars[i], input_value[i]) for i in recipe.input_anchors)
-            after = recent[0] if forced else None
-            fresh = {res_vars[a] for a in recipe.residual_anchors if a in on_tie}
-            value[k] = replay(fwd.eqns, recipe, res_vars[k], anchors, after, untied=fresh)
-            if forced or fresh:
-                on_tie.add(k)
+            value[k] = replays(k, fwd.eqns, recipe, anchors, recent[0] if forced else None, forced)
         return value[k]
 
     def read(v: Any) -> Any:
@@ -513,6 +509,26 @@ def replay(
         outs = bind_eqn(eqn, [read_atom(local, v) for v in eqn.invars])
         local.update(zip(eqn.outvars, outs, strict=True))
     return local[target]
+
+
+@dataclasses.dataclass
+class TiedReplays:
+    """`replay` for a run of rebuilds that remembers which rebuilt residuals rest on a
+    tie: a rebuild reading one of those leaves it untied (`replay`'s `untied`)."""
+
+    res_vars: Sequence[Any]
+    on_tie: set[int] = dataclasses.field(default_factory=set)
+
+    def __call__(
+        self, k: int, eqns: Sequence[Any], recipe: Recipe, anchors: dict, after: Any, forced: bool
+    ) -> Any:
+        """Residual `k` rebuilt by `recipe` (`replay`), tied to `after`; `forced`: its
+        rebuild must be tied (`is_forced`), so its readers' rebuilds leave it untied."""
+        fresh = {self.res_vars[a] for a in recipe.residual_anchors if a in self.on_tie}
+        value = replay(eqns, recipe, self.res_vars[k], anchors, after, untied=fresh)
+        if forced or fresh:
+            self.on_tie.add(k)
+        return value
 
 
 def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:

@@ -31,10 +31,10 @@ from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
     SliceRebuild,
+    TiedReplays,
     accumulates,
     is_forced,
     reach_of,
-    replay,
     scan_from_host,
     scan_to_host,
     slice_rebuild,
@@ -225,7 +225,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
 
     inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
     rebuilt: set[int] = set()
-    on_tie: set[int] = set()  # rebuilt residuals whose values rest on a tie (`replay`)
+    replays = TiedReplays(res_vars)
 
     def recompute(k: int) -> None:
         """Rebuild residual `k` for the backward (and first any recomputed anchor), so
@@ -241,10 +241,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         anchors.update((inputs_of[a], env[inputs_of[a]]) for a in recipe.input_anchors)
         forced = is_forced(recipe, jaxpr.eqns, {r.index: r.decision for r in plan.residuals})
         after = env.get(recent) if forced else None
-        fresh = {res_vars[a] for a in recipe.residual_anchors if a in on_tie}
-        env[res_vars[k]] = replay(jaxpr.eqns, recipe, res_vars[k], anchors, after, fresh)
-        if forced or fresh:
-            on_tie.add(k)
+        env[res_vars[k]] = replays(k, jaxpr.eqns, recipe, anchors, after, forced)
 
     env: dict[Any, Any] = {}
     env.update(zip(jaxpr.constvars, closed.consts, strict=True))
