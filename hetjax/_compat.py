@@ -92,6 +92,65 @@ def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def bind_tied_pool_gradient(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
+    """`bind_eqn` for a max pool's gradient (`select_and_scatter_add`), computed as JAX
+    lowers it for CPU and GPU (the operand padded with the select's identity,
+    `select_and_scatter` into zeros, the padding sliced off), with the padded operand and
+    the zeros tied to the cotangent (`optimization_barrier`): the same values, but XLA
+    can neither merge those zeros with the forward's (relu's `max(x, 0)`), which kept a
+    buffer of zeros from the forward to this gradient, nor run the window reduction,
+    1.25 GiB of values and indices on the reference cnn, before the cotangent exists.
+    `select_and_scatter` has no batching or differentiation rules: under `vmap` it is
+    the primitive itself, untied, and its derivative is the primitive's (linear in the
+    cotangent)."""
+    from jax._src.lax import lax as lax_internal
+    from jax._src.lax import windowed_reductions
+
+    p = eqn.params
+    select_prim, pads = p["select_prim"], p["padding"]
+
+    def untied(source: Any, operand: Any) -> Any:
+        return eqn.primitive.bind(source, operand, **p)
+
+    @jax.custom_batching.custom_vmap
+    def batchable(source: Any, operand: Any) -> Any:
+        identity = (lax_internal._get_max_identity if select_prim is jax.lax.ge_p
+                    else lax_internal._get_min_identity)  # fmt: skip
+        scatter = jax.lax.bitwise_or if source.dtype == np.bool_ else jax.lax.add
+        padded = jax.lax.pad(operand, identity(operand.dtype), [(lo, hi, 0) for lo, hi in pads])
+        padded, zero, source = jax.lax.optimization_barrier(
+            (padded, lax_internal._zero(padded), source)
+        )
+        out = windowed_reductions._select_and_scatter(
+            padded, select_prim.bind, p["window_dimensions"], p["window_strides"],
+            [(0, 0)] * len(pads), source, zero, scatter,
+        )  # fmt: skip
+        starts = [lo for lo, _ in pads]
+        return jax.lax.slice(out, starts, [lo + d for lo, d in zip(starts, operand.shape)])
+
+    @batchable.def_vmap
+    def _(axis_size: int, in_batched: list[bool], source: Any, operand: Any) -> Any:
+        del axis_size
+        axes = tuple(0 if b else None for b in in_batched)
+        return jax.vmap(untied, in_axes=axes)(source, operand), True
+
+    @jax.custom_jvp
+    def tied(source: Any, operand: Any) -> Any:
+        return batchable(source, operand)
+
+    @tied.defjvp
+    def _(primals: Any, tangents: Any) -> Any:
+        source, operand = primals
+        return tied(source, operand), untied(tangents[0], operand)
+
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (
+        source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+        eqn.ctx.manager,
+    ):
+        return [tied(*invals)]
+
+
 def inlinable_call(eqn: JaxprEqn) -> bool:
     """A nested `jit` that can be inlined: no layouts or compiler options of its own,
     and shardings, if any, concrete (`call_shardings` keeps them as constraints).

@@ -20,7 +20,6 @@ from ._compat import (
     ClosedJaxpr,
     Jaxpr,
     Var,
-    bind_eqn,
     is_transpose,
     nbytes,
     read_atom,
@@ -33,6 +32,7 @@ from ._rewrite import (
     SliceRebuild,
     TiedReplays,
     accumulates,
+    bind_backward,
     is_forced,
     reach_of,
     scan_from_host,
@@ -263,7 +263,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             from_host = [v in read_sliced.get(i, []) for v in eqn.invars]
             outs = scan_from_host(eqn, invals, from_host, sliced_rebuilds.get(i))
         else:
-            outs = bind_eqn(eqn, invals)
+            outs = bind_backward(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         reach.update((v, reach_of(i, eqn, reach)) for v in eqn.outvars)
         if not (plan.speed_first and accumulates(eqn)):  # see `_rewrite.gradient_sums`

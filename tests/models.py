@@ -55,6 +55,25 @@ def max_pool(x: jax.Array) -> jax.Array:
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
 
 
+def conv_pool() -> Model:
+    """A stem as the benchmarks' cnn has one: bf16 convolution, relu, padded max pool,
+    then a second convolution and relu."""
+    k = _keys(3)
+    ws = [jax.random.normal(k[0], (3, 3, 3, 8)) * 0.3, jax.random.normal(k[1], (3, 3, 8, 8)) * 0.3]
+    x = jax.random.normal(k[2], (4, 16, 16, 3)).astype(jnp.bfloat16)
+
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w.astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def loss(ws, x):
+        h = jax.nn.relu(conv(max_pool(jax.nn.relu(conv(x, ws[0]))), ws[1]))
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    return loss, (ws, x)
+
+
 def cnn() -> Model:
     """Conv, relu, max-pool, dense head, int labels."""
     k = _keys(4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 from lowering import placements_in_loops
-from models import MODELS
+from models import MODELS, conv_pool
 
 import hetjax
 from hetjax._api import usage_and_plan
@@ -804,3 +804,25 @@ def test_while_loop_keeps_jax_error():
         jax.grad(loss)(x)
     with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
         jax.grad(hetjax.het_offload(loss, **ALL))(x)
+
+
+@pytest.mark.parametrize("policy", ["all", "nothing moved"])
+def test_a_max_pools_gradient_is_tied_to_its_cotangent_and_bitwise_plains(policy):
+    # The backward computes it as JAX lowers it for CPU and GPU, with its zeros and the
+    # padded operand behind a barrier with the cotangent (`bind_tied_pool_gradient`).
+    loss, (ws, x) = conv_pool()
+    decorated = hetjax.het_offload(loss, policy="all" if policy == "all" else lambda r: False)
+    plain_jaxpr = str(jax.make_jaxpr(jax.grad(loss))(ws, x))
+    jaxpr = str(jax.make_jaxpr(jax.grad(decorated))(ws, x))
+    assert "select_and_scatter_add" in plain_jaxpr and "select_and_scatter_add" not in jaxpr
+    assert "select_and_scatter[" in jaxpr and "optimization_barrier" in jaxpr
+    for order in ("jit(grad)", "grad eager"):
+        assert_trees_equal(ORDERS[order](decorated, 0)(ws, x), ORDERS[order](loss, 0)(ws, x))
+    per_example = jax.vmap(jax.grad(decorated), in_axes=(None, 0))
+    expected = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+    assert_trees_equal(per_example(ws, x[:, None]), expected(ws, x[:, None]))
+
+    def second_order(f):  # through the pool's gradient: its own derivative
+        return jax.jit(jax.grad(lambda ws: jnp.sum(jax.grad(f)(ws, x)[0] ** 2)))(ws)
+
+    assert_trees_equal(second_order(decorated), second_order(loss))
