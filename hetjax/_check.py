@@ -58,7 +58,7 @@ from ._plan import (
     rebuild_choices,
     warn_once,
 )
-from ._rewrite import offloaded_call
+from ._rewrite import offloaded_call, ties_a_pool
 from ._simulate import StepEstimate, simulate_step
 from ._step import StepProgram, run_step
 from ._target import parse_target, target_devices
@@ -264,6 +264,11 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         budget_profile = calibrated(profile or DeviceProfile.for_platform("gpu"), usage.eqns,
                                     plain_kernel_ms / 1e3)  # fmt: skip
     unchanged = make_plan(usage, "none", min_bytes=min_bytes, profile=profile)
+    # Nothing moved, the rewrite is plain's program, except where it ties a max pool's
+    # gradient to its cotangent (`_rewrite.bind_backward`): that one is compiled (the
+    # reference cnn, H200, jax 0.11.2: a train step's temp 0.75 of plain's).
+    tied = ties_a_pool(usage)
+    nothing = (unchanged, peak(unchanged) if tied else plain)
     # Without a budget, "auto" takes the moves the cost model expects to hide, then
     # chains, in its order (or, where no prefix of that helps, the chains alone); a
     # budget takes the greedy order that lowers the modelled peak fastest.
@@ -276,7 +281,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
                                    speed_first=speed_first, choices=dict(order[:k]))  # fmt: skip
 
     def step_ms_of(plan: Plan) -> float | None:
-        return plain_ms if plan is unchanged else compiled(plan)[1]
+        return plain_ms if plan is unchanged and not tied else compiled(plan)[1]
 
     def rebuilt(move: bool, profile: DeviceProfile | None = profile) -> list[tuple[Plan, int]]:
         """`rebuild_choices`' plan and its peak; none where it chooses nothing."""
@@ -328,7 +333,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         orders = [with_moves, chains_alone] if with_moves != chains_alone else [with_moves]
         for order in orders:
             plan, planned = _fastest_saving(
-                prefix_of(order, True), len(order), compiled, limit, (unchanged, plain)
+                prefix_of(order, True), len(order), compiled, limit, nothing
             )
             if plan is not unchanged:
                 break
@@ -336,7 +341,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
     if speed_first and plain_ms is not None:
         plan, planned = fastest_saving()
-        if plan is unchanged:
+        if plan is unchanged and planned >= plain:
             warn_once(
                 f"hetjax: policy='auto' moves nothing here: no plan along its order of moves "
                 f"and recomputations compiles below the {plain:,} bytes peak without it, for "
@@ -359,12 +364,12 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
                 f"hetjax: policy={policy!r} moves nothing here: its plan compiles to a peak "
                 f"of {planned:,} bytes for {where}, above the {plain:,} bytes without it."
             )
-            plan, planned = unchanged, plain
+            plan, planned = nothing
     else:
         # What "auto" takes without a budget may meet it already, within 5% of plain's
         # time (the reference gpt_scan: 0.50 of plain's temp, which meets 0.8 of plain's
         # peak, where the budget's own order took 3.21x the time).
-        fast = fastest_saving() if plain_ms is not None else (unchanged, plain)
+        fast = fastest_saving() if plain_ms is not None else nothing
         if fast[1] <= budget:
             plan, planned = fast
         else:
@@ -377,7 +382,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             found = [fast, *by_chains(order, budget_profile)]
             for each in orders[: 1 + (orders[1] != order)]:
                 prefix = prefix_of(each, profile=budget_profile)
-                found.append(_bisect(prefix, len(each), compiled, budget, (unchanged, plain)))
+                found.append(_bisect(prefix, len(each), compiled, budget, nothing))
             if all(p > budget for _, p in found):  # short: try no-matmul rebuilds too
                 found += [*rebuilt(False, budget_profile), *rebuilt(True, budget_profile)]
             # Unmet, every plan within NEAR_PEAK of the lowest peak competes: a plan that

@@ -440,6 +440,12 @@ def bind_backward(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return bind_eqn(eqn, invals)
 
 
+def ties_a_pool(usage: Usage) -> bool:
+    """Whether the rewrite ties a max pool's gradient (`bind_backward`): then, even with
+    nothing moved or rebuilt, it is not plain's program."""
+    return any(eqn.primitive.name == "select_and_scatter_add" for eqn in usage.eqns)
+
+
 def is_forced(recipe: Recipe, eqns: Sequence[Any], decision: dict[int, str]) -> bool:
     """Whether a recomputation must be tied into the backward (`replay`'s `after`).
 

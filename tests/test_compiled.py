@@ -375,6 +375,12 @@ def test_a_max_pools_gradient_tied_to_its_cotangent_needs_less_than_plain() -> N
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp(kept) < temp(loss)
+    # So `auto` keeps it, with nothing moved and no warning, where no move would pay.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hetjax.HetjaxWarning)
+        report = hetjax.analyze(loss, ws, x, target="h200")
+    assert report.moved_bytes == 0
+    assert report.compiled.planned.peak_bytes < report.compiled.plain.peak_bytes
 
 
 def test_checked_compiles_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
