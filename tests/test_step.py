@@ -13,6 +13,7 @@ from flax import nnx
 from flax.training import train_state
 from jax import lax
 from lowering import placements_in_loops
+from models import conv_pool
 from test_core import ALL, NEW_FORMS, assert_losses_close, assert_trees_equal, host_puts
 
 import hetjax
@@ -109,6 +110,8 @@ CASES = {
     "adam scan": (scan_loss, scan_params, lambda: optax.adam(1e-2)),
     "sgd jit+checkpoint": (jit_remat_loss, mlp_params, lambda: optax.sgd(0.1, momentum=0.9)),
     "adam cond+fori+while": (control_flow_loss, mlp_params, lambda: optax.adam(1e-2)),
+    # a max pool's gradient, tied to its cotangent in the step's backward too
+    "adam conv+pool": (conv_pool()[0], lambda: conv_pool()[1], lambda: optax.adam(1e-2)),
 }
 
 
