@@ -17,13 +17,15 @@ gpt 1.75, cnn 2.95):
   reuse): the gradient of stacked weights, `add_any(pad(g_i), acc)`, is built in place.
 - Some ops need scratch the jaxpr does not show (`scratch_bytes`): a max pool's
   gradient holds an f32 value and four s32 indices per pooled value (1.25 GiB on the
-  reference cnn). Counted, the cnn's planned peaks went from 0.82 to 0.95 of the
-  compiled ones (its budget plans, jax 0.10.2 to 0.12). The same programs also hold
-  bf16 zeros the size of the stem's output (512 MiB) from the forward's stem to the
-  pool's gradient, once in plain's program and twice (with a copy the scatter writes
-  into) in per-layer remat's and in hetjax's budget plan (jax 0.11.2): relu's zero and
-  the scatter's, merged by XLA. The model does not count them: its plain peak is 0.80
-  of the compiled one.
+  reference cnn). Counted, the planned peak of the plan the cnn's budgets kept then
+  went from 0.82 to 0.95 of the compiled one (jax 0.10.2 to 0.12). Its programs also
+  held bf16 zeros the size of the stem's output (512 MiB) from the forward's stem to
+  the pool's gradient, once in plain's program and twice (with a copy the scatter
+  writes into) in per-layer remat's and in hetjax's (jax 0.11.2): relu's zero and the
+  scatter's, merged by XLA. hetjax now ties the pool's gradient to its cotangent
+  (`_rewrite.bind_backward`), so the scatter's zeros are made in the backward; relu's
+  are still held, by one of hetjax's own ties. The model counts neither: its plain
+  peak is 0.80 of the compiled one.
 
 The rules are an approximation of XLA's fusion heuristics (size limits, multi-output
 fusion and the fusion merger are not modelled). Smaller programs store more than they
