@@ -435,6 +435,8 @@ def bind_backward(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     (`bind_tied_pool_gradient`): the reference cnn's plans compiled for the H200 held
     zeros from the forward and the gradient's indices early (jax 0.11.2: 3370 -> 3246 MB
     peak with every chain without a matmul rebuilt)."""
+    # TODO: a pool inside a call the rewrite binds whole (a `jit` it does not inline)
+    # keeps JAX's own gradient.
     if eqn.primitive.name == "select_and_scatter_add":
         return bind_tied_pool_gradient(eqn, invals)
     return bind_eqn(eqn, invals)
