@@ -425,12 +425,7 @@ def run_backward(
             flowing.update(eqn.outvars)
             if not fuses(eqn):
                 stored_anyway.update(eqn.outvars)
-        # A constant (a broadcast literal) orders nothing: tied to one, a rebuild made
-        # XLA keep the forward's equal constant, merged with it, until the tie (relu's
-        # 512 MiB of zeros on the reference cnn, H200, jax 0.11.2: 3246 -> 2709 MB with
-        # every chain without a matmul rebuilt).
-        made_of_values = any(isinstance(v, Var) for v in eqn.invars)
-        if outs and hasattr(outs[0], "shape") and eqn.outvars[0] not in sums and made_of_values:
+        if outs and hasattr(outs[0], "shape") and eqn.outvars[0] not in sums:
             recent[0] = outs[0]
     return [read(v) for v in jaxpr.outvars]
 
