@@ -34,6 +34,7 @@ from ._rewrite import (
     accumulates,
     bind_backward,
     is_forced,
+    orders,
     reach_of,
     scan_from_host,
     scan_to_host,
@@ -266,7 +267,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             outs = bind_backward(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         reach.update((v, reach_of(i, eqn, reach)) for v in eqn.outvars)
-        if not (plan.speed_first and accumulates(eqn)):  # see `_rewrite.gradient_sums`
+        if orders(eqn) and not (plan.speed_first and accumulates(eqn)):  # `gradient_sums`
             recent = next((v for v in eqn.outvars if hasattr(env.get(v), "shape")), recent)
         for v in produced.get(i, ()):
             host[v] = to_host(env[v])
