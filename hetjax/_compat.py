@@ -15,8 +15,9 @@ What differs between them:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -83,13 +84,20 @@ def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     else:
         # jax 0.10.x: one dict; call primitives carry `subfuns=` inside it.
         params, args = bind_params, tuple(invals)
+    with _eqn_context(eqn):
+        out = eqn.primitive.bind(*args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+@contextlib.contextmanager
+def _eqn_context(eqn: JaxprEqn) -> Iterator[None]:
+    """Bind under `eqn`'s source line, its name stack and its context (`eqn.ctx`)."""
     name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
     with (
         source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
         eqn.ctx.manager,
     ):
-        out = eqn.primitive.bind(*args, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
+        yield
 
 
 def bind_tied_pool_gradient(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
@@ -143,11 +151,7 @@ def bind_tied_pool_gradient(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
         source, operand = primals
         return tied(source, operand), untied(tangents[0], operand)
 
-    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-    with (
-        source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
-        eqn.ctx.manager,
-    ):
+    with _eqn_context(eqn):
         return [tied(*invals)]
 
 
