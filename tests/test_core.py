@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 from lowering import placements_in_loops
-from models import MODELS, conv_pool
+from models import MODELS, conv_pool, max_pool
 
 import hetjax
 from hetjax._api import usage_and_plan
@@ -868,3 +868,31 @@ def test_a_max_pools_gradient_is_tied_to_its_cotangent_and_bitwise_plains(policy
         return jax.jit(jax.grad(lambda ws: jnp.sum(jax.grad(f)(ws, x)[0] ** 2)))(ws)
 
     assert_trees_equal(second_order(decorated), second_order(loss))
+
+
+def test_the_backward_keeps_the_users_scopes_and_source_lines():
+    """Profiles and errors name the user's code: each equation the rewrite binds again,
+    the pool's tied gradient too, keeps its named scope and its source line."""
+    from jax._src import source_info_util
+
+    def loss(w, x):
+        with jax.named_scope("stem"):
+            h = jnp.tanh(x @ w)
+        with jax.named_scope("pooling"):
+            h = max_pool(h.reshape(4, 8, 8, 16))
+        return jnp.sum(h**2)
+
+    w, x = jnp.ones((16, 16)) / 16, jnp.ones((256, 16))
+
+    def sources(f):  # primitive -> (name stack, the user's frame: file, line)
+        found = {}
+        for eqn in jax.make_jaxpr(jax.grad(f))(w, x).eqns:
+            frame = source_info_util.user_frame(eqn.source_info.traceback)
+            found[eqn.primitive.name] = (str(eqn.source_info.name_stack),
+                                         frame and (frame.file_name, frame.start_line))  # fmt: skip
+        return found
+
+    plain, decorated = sources(loss), sources(hetjax.het_offload(loss, policy="all", min_bytes=0))
+    assert "stem" in decorated["tanh"][0] and "pooling" in decorated["custom_jvp_call"][0]
+    assert decorated["tanh"][1] == plain["tanh"][1] and plain["tanh"][1][0] == __file__
+    assert decorated["custom_jvp_call"][1] == plain["select_and_scatter_add"][1] is not None
