@@ -151,6 +151,10 @@ def reach_of(i: int, eqn: Any, reach: dict) -> int:
     (-1: none, they exist as soon as the inputs do). Views pass their input's on: a
     slice of a weight orders nothing."""
     inputs = max((reach.get(v, -1) for v in eqn.invars if isinstance(v, Var)), default=-1)
+    # TODO: a constant (no variable input) orders nothing either, but counted so here
+    # (reach -1), a copy of the step form waited past its own fetch: `pin_at` found it
+    # gone from `host` (the tiny cnn's adam step, min_bytes=0). `pin_at` must first drop
+    # the copies fetched already. Today a copy may be tied to a scalar constant.
     return inputs if eqn.primitive.name in VIEW_PRIMITIVES else i
 
 
