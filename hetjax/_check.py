@@ -204,7 +204,7 @@ def compile_both(
     under `het_offload`) for `target` (None: the local backend)."""
     without = _compiled(gradient_computation(plain, is_step), target, args, kwargs)
     if planned is plain:
-        return CompiledComparison(*without, *without)
+        return CompiledComparison(without[0], without[0], without[1], without[1])
     with_plan = _compiled(gradient_computation(planned, is_step), target, args, kwargs)
     return CompiledComparison(without[0], with_plan[0], without[1], with_plan[1])
 

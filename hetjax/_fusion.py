@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import VERSION_ELEMENTWISE, Var, nbytes, sub_jaxprs
+from ._compat import VERSION_ELEMENTWISE, Var, nbytes, pool_gradient_pieces, sub_jaxprs
 
 # Primitives whose output is a view of, or a cheap elementwise function of, their
 # inputs. A residual built only from these (and from values available in the
@@ -209,9 +209,12 @@ def scratch_bytes(eqn: Any) -> int:
     carries, per window, the selected value (at least f32) and an s32 index for each
     dimension, then a scatter. The reference cnn's pool over a (256, 128, 128, 64) bf16
     input held five (256, 64, 64, 64) buffers, 1.25 GiB, in plain's compiled program
-    (H200, jax 0.11.2). Nested equations count at their largest (they run in turn)."""
+    (H200, jax 0.11.2). The rewrite computes it in pieces along the batch, one at a time
+    (`_compat.bind_tied_pool_gradient`): a piece's. Nested equations count at their
+    largest (they run in turn)."""
     if str(eqn.primitive) == "select_and_scatter_add":
         source = eqn.invars[0].aval
         value = max(np.dtype(source.dtype).itemsize, 4)
-        return int(np.prod(source.shape)) * (value + 4 * len(source.shape))
+        _, pieces = pool_gradient_pieces(eqn.invars[1].aval.shape, eqn.params)
+        return int(np.prod(source.shape)) * (value + 4 * len(source.shape)) // pieces
     return max((scratch_bytes(e) for j in sub_jaxprs(eqn) for e in j.eqns), default=0)

@@ -349,12 +349,14 @@ def test_the_memory_model_counts_the_scratch_of_a_max_pools_gradient(
 ) -> None:
     # XLA lowers select_and_scatter_add to a window reduction carrying an f32 value and
     # four s32 indices per window (`_fusion.scratch_bytes`): most of this program's peak.
+    # (One image of one channel: in one piece, as JAX's own; `pool_gradient_pieces`.)
     def loss(x: jax.Array) -> jax.Array:
         return jnp.mean(max_pool(x).astype(jnp.float32) ** 2)
 
-    x = spec((64, 64, 64, 64))
+    x = spec((1, 4096, 4096, 1))
     report = hetjax.analyze(loss, x, policy="none", target="h200")
     compiled = report.compiled.plain.peak_bytes
+    assert report.compiled.planned == report.compiled.plain  # "none": plain's program
     assert 0.85 <= report.baseline_peak_bytes / compiled <= 1.15
     monkeypatch.setattr(_fusion, "scratch_bytes", lambda eqn: 0)
     without = hetjax.analyze(loss, x, policy="none").baseline_peak_bytes
@@ -363,8 +365,8 @@ def test_the_memory_model_counts_the_scratch_of_a_max_pools_gradient(
 
 def test_a_max_pools_gradient_tied_to_its_cotangent_needs_less_than_plain() -> None:
     # Nothing moved: the decorated backward only ties the pool's gradient to its
-    # cotangent (`_compat.bind_tied_pool_gradient`). jax 0.11.2: 84 MiB of temp against
-    # plain's 92 (the reference cnn's budget plan: 3370 -> 3246 MB peak).
+    # cotangent, in 8 pieces along the batch (`_compat.bind_tied_pool_gradient`). jax
+    # 0.10.2, 0.11.2 and 0.12.0.1: 49 MiB of temp against plain's 92 (in one piece, 84).
     loss, _ = conv_pool()
     ws = [spec((3, 3, 16, 64), jnp.float32), spec((3, 3, 64, 64), jnp.float32)]
     x = spec((32, 64, 64, 16))
@@ -374,7 +376,7 @@ def test_a_max_pools_gradient_tied_to_its_cotangent_needs_less_than_plain() -> N
         compiled = hetjax.compile_for(jax.grad(f), ws, x, target="h200")
         return compiled.memory_analysis().temp_size_in_bytes
 
-    assert temp(kept) < temp(loss)
+    assert temp(kept) < 0.6 * temp(loss)
     # So `auto` keeps it, with nothing moved and no warning, where no move would pay.
     with warnings.catch_warnings():
         warnings.simplefilter("error", hetjax.HetjaxWarning)
