@@ -140,9 +140,9 @@ def bind_tied_pool_gradient(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
     rebuilt: a peak of 2709 MB whole, 1965 MB in 4 pieces, 1932 in 8 and in 16; nothing
     moved, 3239 whole, 3183 in 8. (Tying the whole operand, each piece padded after its
     barrier: 2030 and 3720; so and the pieces written into one buffer with
-    `dynamic_update_slice`: 2096 and 4579.) `select_and_scatter` has no batching or differentiation rules: under
-    `vmap` it is the primitive itself, untied, and its derivative is the primitive's
-    (linear in the cotangent)."""
+    `dynamic_update_slice`: 2096 and 4579.) `select_and_scatter` has no batching or
+    differentiation rules: under `vmap` it is the primitive itself, untied, and its
+    derivative is the primitive's (linear in the cotangent)."""
     from jax._src.lax import lax as lax_internal
     from jax._src.lax import windowed_reductions
 
