@@ -354,13 +354,14 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         planned = peak(plan)
         if policy == "all":
             # Moving what XLA would rebuild forces it to exist: move what it rebuilds from
-            # (the reference cnn, H200, jax 0.11.2: moving all, 0.99 of plain's peak at
-            # 21x its predicted time; every chain without a matmul rebuilt and the rest
-            # moved, 0.70 at 4.5x), or, above plain, leave the largest moves out (an f32
-            # value XLA fuses away from its bf16 source: Hugging Face's GPT-2, 2 layers,
-            # bf16, 8 x 1024 tokens: moving all, 1.30x plain's peak; all but the
-            # softmax's 1.5 GiB f32 `exp` of the logits, 0.68x). The lowest peak wins;
-            # within NEAR_PEAK of it, the fastest plan.
+            # (the reference cnn, H200, jax 0.11.2, its pool's gradient still whole: moving
+            # all, 0.99 of plain's peak at 21x its predicted time; every chain without a
+            # matmul rebuilt and the rest moved, 0.70 at 4.5x; in pieces, that one 0.43),
+            # or, above plain, leave the largest moves out (an f32 value XLA fuses away
+            # from its bf16 source: Hugging Face's GPT-2, 2 layers, bf16, 8 x 1024
+            # tokens: moving all, 1.30x plain's peak; all but the softmax's 1.5 GiB f32
+            # `exp` of the logits, 0.68x). The lowest peak wins; within NEAR_PEAK of it,
+            # the fastest plan.
             candidates = [(plan, planned), *rebuilt(move=True)]
             if planned > plain:
                 candidates += without_largest(plan, plain)
