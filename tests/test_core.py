@@ -467,17 +467,37 @@ def _four_attention_layers():
     return ws, jax.random.normal(keys[4], (2, 256, 32))
 
 
-def _every_chain_rebuilt(loss, *args, speed_first):
-    """The primal jaxpr of `loss`, its flat inputs, its usage, and the plan that rebuilds
-    every chain of the budget order (`_plan.chains_and_moves`), nothing moved."""
+def _traced(loss, *args):
+    """The primal jaxpr of `loss`, its flat inputs, and its usage (`min_bytes=0`)."""
     from hetjax._api import flatten_call, plan_for, trace_primal
-    from hetjax._plan import budget_order, chains_and_moves, make_plan
 
     flat, dynamic, *_ = flatten_call(loss, args, {})
     primal, consts, _ = trace_primal(flat, dynamic)
     inputs = [*consts, *dynamic]
     options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = plan_for(primal, inputs, options)[0]
+    return primal, inputs, plan_for(primal, inputs, options)[0]
+
+
+def _barriers(jaxpr):
+    """Every `optimization_barrier` of `jaxpr`, nested ones too, with the equation that
+    made each of its operands in that jaxpr (None: made outside it)."""
+    from hetjax._compat import Var, sub_jaxprs
+
+    producer = {}
+    for eqn in jaxpr.eqns:
+        producer.update(dict.fromkeys(eqn.outvars, eqn))
+        if eqn.primitive.name == "optimization_barrier":
+            yield eqn, [producer.get(v) if isinstance(v, Var) else None for v in eqn.invars]
+        for inner in sub_jaxprs(eqn):
+            yield from _barriers(inner)
+
+
+def _every_chain_rebuilt(loss, *args, speed_first):
+    """The primal jaxpr of `loss`, its flat inputs, its usage, and the plan that rebuilds
+    every chain of the budget order (`_plan.chains_and_moves`), nothing moved."""
+    from hetjax._plan import budget_order, chains_and_moves, make_plan
+
+    primal, inputs, usage = _traced(loss, *args)
     chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
     plan = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=speed_first)
     return primal, inputs, usage, plan
@@ -551,7 +571,6 @@ def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
     write that out (the reference gpt, H200: 25 f32 (b*t, d) products a step; 2.6 ms
     predicted in all)."""
     from hetjax._check import gradient_program
-    from hetjax._compat import sub_jaxprs
     from hetjax._fusion import fuses
 
     def loss(params, x):
@@ -566,21 +585,14 @@ def test_gradient_pieces_are_tied_to_values_xla_stores_anyway():
     assert any(r.checkpoint and r.read_in_backward for r in plan.residuals)  # restarts
     program = jax.make_jaxpr(gradient_program(primal, usage, plan))(*inputs)
     shapes = {w.shape for w in ws} | {(32,)}
-    anchors = []  # producers of the anchors of barriers that tie made weight-shaped values
-
-    def visit(jaxpr):
-        producer = {}
-        for eqn in jaxpr.eqns:
-            producer.update(dict.fromkeys(eqn.outvars, eqn))
-            tied = eqn.invars[:-1]
-            if eqn.primitive.name == "optimization_barrier" and any(
-                v in producer and v.aval.shape in shapes for v in tied
-            ):
-                anchors.append(producer.get(eqn.invars[-1]))
-            for inner in sub_jaxprs(eqn):
-                visit(inner)
-
-    visit(program.jaxpr)
+    anchors = [  # producers of the anchors of barriers that tie made weight-shaped values
+        made[-1]
+        for eqn, made in _barriers(program.jaxpr)
+        if any(
+            p is not None and v.aval.shape in shapes
+            for v, p in zip(eqn.invars[:-1], made[:-1], strict=True)
+        )
+    ]
     assert anchors
     assert not [a.primitive.name for a in anchors if a is not None and fuses(a)]
     _assert_plan_gradients_close(primal, inputs, usage, plan)
@@ -593,34 +605,19 @@ def test_rebuilds_are_never_tied_to_a_constant():
     without a matmul rebuilt compiled to 3246 MB so, 2709 MB tied to values)."""
     from test_benchmarks import benchmark_models
 
-    from hetjax._api import flatten_call, plan_for, trace_primal
     from hetjax._check import gradient_program
-    from hetjax._compat import Var, sub_jaxprs
+    from hetjax._compat import Var
     from hetjax._plan import make_plan, rebuild_choices
 
     models = benchmark_models()
     cnn = models.cnn("tiny")
-    flat, dynamic, *_ = flatten_call(cnn.loss_with(models.identity_layer), cnn.init(), {})
-    primal, consts, _ = trace_primal(flat, dynamic)
-    inputs = [*consts, *dynamic]
-    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = plan_for(primal, inputs, options)[0]
+    primal, inputs, usage = _traced(cnn.loss_with(models.identity_layer), *cnn.init())
     choices = rebuild_choices(usage, 0)
     plan = make_plan(usage, "auto", min_bytes=0, choices=choices, speed_first=False)
     assert any(r.decision == "recompute" for r in plan.residuals)
     program = jax.make_jaxpr(gradient_program(primal, usage, plan))(*inputs)
-    anchors = []  # the producers of every barrier's anchor
-
-    def visit(jaxpr):
-        producer = {}
-        for eqn in jaxpr.eqns:
-            producer.update(dict.fromkeys(eqn.outvars, eqn))
-            if eqn.primitive.name == "optimization_barrier" and eqn.invars[-1] in producer:
-                anchors.append(producer[eqn.invars[-1]])
-            for inner in sub_jaxprs(eqn):
-                visit(inner)
-
-    visit(program.jaxpr)
+    # The producers of every barrier's anchor made in the barrier's jaxpr.
+    anchors = [made[-1] for _, made in _barriers(program.jaxpr) if made[-1] is not None]
     assert anchors
     constants = [a for a in anchors if not any(isinstance(v, Var) for v in a.invars)]
     assert not constants, [str(a) for a in constants]
