@@ -23,7 +23,7 @@ the others (`SliceRebuild`) and never stored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -342,7 +342,7 @@ def run_backward(
     env.update(zip(ct_invars, cotangents, strict=True))
     recent = [next((c for c in cotangents if hasattr(c, "shape")), None)]
 
-    replays = TiedReplays(res_vars)
+    replays = TiedReplays(res_vars, shared_rebuilds(usage, plan))
 
     def fetch(k: int) -> None:
         if k in on_host:
@@ -351,6 +351,8 @@ def run_backward(
     def materialize(k: int) -> Any:
         if k not in value:
             fetch(k)
+        if k not in value and k in replays.spare:  # made by a sibling's rebuild
+            value[k] = replays.spare.pop(k)
         if k not in value:  # recompute from inputs and other residuals
             recipe = usage.recipe_of(k)
             fwd = program.forward.jaxpr
@@ -522,10 +524,10 @@ def replay(
     anchors: dict,
     after: Any,
     untied: Collection[Var] = (),
-) -> Any:
+) -> dict[Any, Any]:
     """Rebuild `target` in the backward: run `recipe`'s equations (indices into `eqns`)
     on the `anchors` (variable -> value), those not in `untied` tied to the value `after`
-    first."""
+    first. Returns every value the equations made, `target`'s among them."""
     tie = [v for v in anchors if v not in untied]
     if after is not None and tie:
         # Keeps XLA from merging this with the forward's copy (CSE) and from hoisting
@@ -541,7 +543,7 @@ def replay(
         eqn = eqns[e]
         outs = bind_eqn(eqn, [read_atom(local, v) for v in eqn.invars])
         local.update(zip(eqn.outvars, outs, strict=True))
-    return local[target]
+    return local
 
 
 @dataclasses.dataclass
@@ -550,7 +552,12 @@ class TiedReplays:
     tie: a rebuild reading one of those leaves it untied (`replay`'s `untied`)."""
 
     res_vars: Sequence[Any]
+    # Residuals rebuilt by a chain with a matmul, by variable: a replay that makes one
+    # of them on its way to another (a layer's q, k and v, outputs of one matmul) hands
+    # it over (`spare`) instead of the matmul running again where it is first read.
+    shared: Mapping[Any, int] = dataclasses.field(default_factory=dict)
     on_tie: set[int] = dataclasses.field(default_factory=set)
+    spare: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def __call__(
         self, k: int, eqns: Sequence[Any], recipe: Recipe, anchors: dict, after: Any, forced: bool
@@ -558,10 +565,30 @@ class TiedReplays:
         """Residual `k` rebuilt by `recipe` (`replay`), tied to `after`; `forced`: its
         rebuild must be tied (`is_forced`), so its readers' rebuilds leave it untied."""
         fresh = {self.res_vars[a] for a in recipe.residual_anchors if a in self.on_tie}
-        value = replay(eqns, recipe, self.res_vars[k], anchors, after, untied=fresh)
-        if forced or fresh:
+        made = replay(eqns, recipe, self.res_vars[k], anchors, after, untied=fresh)
+        tied = forced or bool(fresh)
+        for v, j in self.shared.items():
+            if j != k and v in made and j not in self.spare:
+                self.spare[j] = made[v]
+                if tied:
+                    self.on_tie.add(j)
+        if tied:
             self.on_tie.add(k)
-        return value
+        return made[self.res_vars[k]]
+
+
+def shared_rebuilds(usage: Usage, plan: Plan) -> dict[Any, int]:
+    """`TiedReplays.shared`: the residuals `plan` rebuilds whole by a chain that runs a
+    matmul. With the reference gpt's every chain rebuilt and its MLP's hidden layer and
+    attention output moved (H200, jax 0.11.2), a layer's v, read first, was rebuilt apart
+    from its q and k: 6 more (b*t, d) x (d, 3d) matmuls than rebuilding the three once."""
+    res_vars = usage.program.residual_vars
+    return {
+        res_vars[r.index]: r.index
+        for r in plan.residuals
+        if r.decision == "recompute" and not r.per_iteration and r.index in usage.chains
+        and runs_a_matmul([usage.eqns[e] for e in usage.chains[r.index].eqns])
+    }  # fmt: skip
 
 
 def _split_scan(eqn: Any, values: Sequence[Any]) -> tuple[list, list, list]:
@@ -676,7 +703,7 @@ def scan_from_host(
                 given = [*r.recipe.input_slices, *(var for var, _ in r.recipe.stack_slices)]
                 anchors.update(zip(given, inputs[i], strict=True))
                 anchors.update((v, full_like_aval(v.aval, c)) for v, c in r.recipe.fills)
-                x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)
+                x[i - first] = replay(r.body_eqns, r.recipe, r.target, anchors, None)[r.target]
             return x[i - first]
 
         for i in rebuild:

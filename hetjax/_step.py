@@ -38,6 +38,7 @@ from ._rewrite import (
     reach_of,
     scan_from_host,
     scan_to_host,
+    shared_rebuilds,
     slice_rebuild,
     to_device,
     to_host,
@@ -226,7 +227,7 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
 
     inputs_of = (*jaxpr.constvars, *jaxpr.invars)  # recipes number inputs this way
     rebuilt: set[int] = set()
-    replays = TiedReplays(res_vars)
+    replays = TiedReplays(res_vars, shared_rebuilds(usage, plan))
 
     def recompute(k: int) -> None:
         """Rebuild residual `k` for the backward (and first any recomputed anchor), so
@@ -234,6 +235,9 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
         if k in rebuilt:
             return
         rebuilt.add(k)
+        if k in replays.spare:  # made by a sibling's rebuild
+            env[res_vars[k]] = replays.spare.pop(k)
+            return
         recipe = usage.recipe_of(k)
         for a in recipe.residual_anchors:
             if plan.residuals[a].decision == "recompute":
