@@ -31,8 +31,10 @@ def memory_timeline(num_positions: int, intervals: Iterable[Interval]) -> np.nda
     return np.cumsum(delta)[:-1]
 
 
-def residual_intervals(r: ResidualUsage) -> list[Interval]:
-    """Where a residual occupies device memory, given its decision and pins."""
+def residual_intervals(r: ResidualUsage, made_in_forward: bool = True) -> list[Interval]:
+    """Where a residual occupies device memory, given its decision and pins. Without
+    `made_in_forward`, a rebuilt residual holds no bytes in the forward (XLA makes it
+    inside the kernels that read it there: `Usage.made_in_readers`)."""
     if r.memory == "host" or (r.is_input and r.produced_at < 0):
         return []  # on host already, or an argument counted with the arguments
     if r.decision == "offload" and r.per_iteration:
@@ -54,10 +56,10 @@ def residual_intervals(r: ResidualUsage) -> list[Interval]:
             (r.nbytes, r.prefetch_at, r.last_backward_use),
         ]
     if r.decision == "recompute":
-        return [
-            (r.nbytes, r.produced_at, r.last_forward_use),
-            (r.nbytes, r.first_backward_use, r.last_backward_use),
-        ]
+        rebuilt = [(r.nbytes, r.first_backward_use, r.last_backward_use)]
+        if not made_in_forward:
+            return rebuilt
+        return [(r.nbytes, r.produced_at, r.last_forward_use), *rebuilt]
     return [(r.nbytes, r.produced_at, r.last_backward_use)]
 
 
@@ -66,7 +68,9 @@ def plan_timeline(usage: Usage, residuals: Iterable[ResidualUsage]) -> np.ndarra
 
     A residual XLA rebuilds in the backward's kernels (`Usage.fused`) holds no bytes of
     its own where the plan keeps it (or rebuilds it from residuals alone); its stored
-    sources stay live until its last backward reader instead.
+    sources stay live until its last backward reader instead. One XLA makes inside its
+    forward readers (`Usage.made_in_readers`) holds none in the forward where the plan
+    rebuilds it.
     """
     records = {r.index: r for r in residuals}
     on_device = {k for k, r in records.items() if r.decision == "keep" and r.memory == "device"}
@@ -81,10 +85,11 @@ def plan_timeline(usage: Usage, residuals: Iterable[ResidualUsage]) -> np.ndarra
             and set(fused.residuals) <= on_device
             and (r.decision == "keep" or (r.decision == "recompute" and not fused.values))
         )
+        made_in_forward = r.index not in usage.made_in_readers
         if not rebuilt:
-            intervals.extend(residual_intervals(r))
+            intervals.extend(residual_intervals(r, made_in_forward))
             continue
-        if r.decision == "recompute":  # made in the forward, rebuilt in the readers
+        if r.decision == "recompute" and made_in_forward:  # rebuilt in the readers
             intervals.append((r.nbytes, r.produced_at, r.last_forward_use))
         for key, (size, _, last_forward_use) in fused.values:
             need[key] = max(need.get(key, -1), r.last_backward_use)

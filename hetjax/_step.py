@@ -25,7 +25,7 @@ from ._compat import (
     read_atom,
     sub_jaxprs,
 )
-from ._fusion import rebuilt_by_xla, stored_intervals
+from ._fusion import made_in_readers, rebuilt_by_xla, stored_intervals
 from ._plan import Plan, warn_once
 from ._rewrite import (
     PinQueue,
@@ -171,6 +171,7 @@ def step_usage(program: StepProgram) -> Usage:
         boundary=boundary,
         buffers=_step_buffers(jaxpr, set(program.residual_vars), last),
         fused=fused,
+        made_in_readers=made_in_readers(jaxpr.eqns, records, residual_vars, set(jaxpr.outvars)),
         chains={
             **chains_of(records, jaxpr, producer, input_index, residual_vars),
             **slice_recipes(records, recipes, **scans, find=chain_for),

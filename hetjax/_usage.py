@@ -25,6 +25,7 @@ from ._fusion import (
     CHEAP_PRIMITIVES,
     VIEW_PRIMITIVES,
     FusedSources,
+    made_in_readers,
     rebuilt_by_xla,
     stored_intervals,
 )
@@ -166,6 +167,9 @@ class Usage:
     # Residuals XLA rebuilds inside the backward's kernels instead of storing them
     # (`_fusion`), and the stored values they keep live instead.
     fused: dict[int, FusedSources] = dataclasses.field(default_factory=dict)
+    # Residuals XLA makes inside the forward's kernels that read them (`_fusion.
+    # made_in_readers`): rebuilt in the backward, they hold no bytes in the forward.
+    made_in_readers: frozenset[int] = frozenset()
 
     @functools.cached_property
     def checkpoints(self) -> frozenset[int]:
@@ -276,6 +280,9 @@ def residual_usage(program: VjpProgram) -> Usage:
         boundary=num_fwd,
         buffers=_vjp_buffers(program, set(res_vars)),
         fused=fused,
+        made_in_readers=made_in_readers(
+            fwd.eqns, records, res_vars, set(fwd.outvars[: program.num_outputs])
+        ),
         chains={
             **chains_of(records, fwd, producer, input_index, res_vars),
             **slice_recipes(
