@@ -104,3 +104,31 @@ def test_a_max_pools_gradient_counts_xlas_scratch() -> None:
     (at,) = [first for size, first, last in usage.buffers if size == piece]
     assert at >= usage.boundary and str(usage.eqns[at].primitive) == "select_and_scatter_add"
     assert (piece, at, at) in usage.buffers
+
+
+def test_a_rebuilt_residual_made_inside_its_forward_readers_holds_no_forward_bytes() -> None:
+    # h, a convert of a matmul's output, is read in the forward by a multiply alone:
+    # XLA makes it inside that kernel. Rebuilt in the backward (by its chain), it holds
+    # no bytes in the forward; h * h, read by a matmul, is stored whatever the plan.
+    def loss(w, x):
+        h = (x @ w).astype(F32)
+        return jnp.sum((h * h) @ w.astype(F32))
+
+    w, x = jax.ShapeDtypeStruct((256, 256), BF16), jax.ShapeDtypeStruct((512, 256), BF16)
+    usage = usage_of(loss, w, x)
+    (h,) = [r for r in usage.residuals if r.shape == (512, 256) and r.dtype == "float32"
+            and r.primitive == "convert_element_type"]  # fmt: skip
+    (square,) = [r for r in usage.residuals if r.primitive == "mul"]
+    assert h.index in usage.made_in_readers and h.index in usage.chains
+    assert square.index not in usage.made_in_readers
+    plan = [dataclasses.replace(r, decision="recompute" if r is h else "keep")
+            for r in usage.residuals]  # fmt: skip
+    timeline = plan_timeline(usage, plan)
+    as_stored = plan_timeline(dataclasses.replace(usage, made_in_readers=frozenset()), plan)
+    forward = slice(h.produced_at + 1, h.last_forward_use + 2)  # index 0 is position -1
+    assert np.all(as_stored[forward] - timeline[forward] == h.nbytes)
+    assert np.array_equal(as_stored[forward.stop :], timeline[forward.stop :])
+    # Kept, it is stored from the forward on: the same either way.
+    kept = [dataclasses.replace(r, decision="keep") for r in usage.residuals]
+    unmarked = dataclasses.replace(usage, made_in_readers=frozenset())
+    assert np.array_equal(plan_timeline(usage, kept), plan_timeline(unmarked, kept))
