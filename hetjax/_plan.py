@@ -318,7 +318,7 @@ def rebuild_choices(
     chosen: dict[int, Decision] = {
         r.index: "recompute"
         for r in eligible
-        if r.index in usage.chains and not _matmul_in(usage, r.index)
+        if r.index in usage.chains and not matmul_in(usage, r.index)
     }
     if move:
         chosen |= {r.index: "offload" for r in eligible if r.offloadable and r.index not in chosen}
@@ -459,7 +459,7 @@ def _worth_moving(
     rebuildable = [
         r for r in eligible
         if r.offloadable and not r.per_iteration and r.index in usage.chains
-        and _matmul_in(usage, r.index)
+        and matmul_in(usage, r.index)
     ]  # fmt: skip
     # Outputs of one equation (a layer's q, k and v, split from one matmul) share their
     # chain: moving some of them saves nothing. They move together or not at all.
@@ -496,7 +496,7 @@ def _chain_allowed(
         if j not in depth:
             rebuilt = tentative.get(j) == "recompute" or j in usage.recipes
             recipe = usage.recipe_of(j) if rebuilt else None
-            counts = recipe is not None and recipe.chain and (every_chain or _matmul_in(usage, j))
+            counts = recipe is not None and recipe.chain and (every_chain or matmul_in(usage, j))
             depth[j] = (
                 0
                 if recipe is None
@@ -507,7 +507,7 @@ def _chain_allowed(
     return all(of(j) <= max_depth for j, d in tentative.items() if d == "recompute")
 
 
-def _matmul_in(usage: Usage, k: int) -> bool:
+def matmul_in(usage: Usage, k: int) -> bool:
     """Whether residual `k`'s chain runs a matmul (or a convolution), nested ones too."""
     return runs_a_matmul(_chain_eqns(usage, k)[0])
 

@@ -44,7 +44,7 @@ from ._compat import (
 )
 from ._cost import GRADIENT_SUM_PRIMITIVES
 from ._fusion import fuses
-from ._plan import Plan, arrival_positions
+from ._plan import Plan, arrival_positions, matmul_in
 from ._trace import runs_a_matmul, scan_like
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
 
@@ -587,7 +587,7 @@ def shared_rebuilds(usage: Usage, plan: Plan) -> dict[Any, int]:
         res_vars[r.index]: r.index
         for r in plan.residuals
         if r.decision == "recompute" and not r.per_iteration and r.index in usage.chains
-        and runs_a_matmul([usage.eqns[e] for e in usage.chains[r.index].eqns])
+        and matmul_in(usage, r.index)
     }  # fmt: skip
 
 
