@@ -349,9 +349,9 @@ def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the
     models = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, models)  # its dataclasses look it up
     spec.loader.exec_module(models)
-    config = {"layers": 2, "dim": 256, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
-    models.GPT_PRESETS["two_layers"] = config
-    model = models.MODELS["gpt"]("two_layers")
+    config = {"layers": 3, "dim": 128, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
+    models.GPT_PRESETS["three_layers"] = config
+    model = models.MODELS["gpt"]("three_layers")
     options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
     usage = usage_and_plan(model.loss, jax.eval_shape(model.init), {}, options)[0]
 
