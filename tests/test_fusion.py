@@ -123,12 +123,11 @@ def test_a_rebuilt_residual_made_inside_its_forward_readers_holds_no_forward_byt
     assert square.index not in usage.made_in_readers
     plan = [dataclasses.replace(r, decision="recompute" if r is h else "keep")
             for r in usage.residuals]  # fmt: skip
-    timeline = plan_timeline(usage, plan)
-    as_stored = plan_timeline(dataclasses.replace(usage, made_in_readers=frozenset()), plan)
+    unmarked = dataclasses.replace(usage, made_in_readers=frozenset())
+    timeline, as_stored = plan_timeline(usage, plan), plan_timeline(unmarked, plan)
     forward = slice(h.produced_at + 1, h.last_forward_use + 2)  # index 0 is position -1
     assert np.all(as_stored[forward] - timeline[forward] == h.nbytes)
     assert np.array_equal(as_stored[forward.stop :], timeline[forward.stop :])
     # Kept, it is stored from the forward on: the same either way.
     kept = [dataclasses.replace(r, decision="keep") for r in usage.residuals]
-    unmarked = dataclasses.replace(usage, made_in_readers=frozenset())
     assert np.array_equal(plan_timeline(usage, kept), plan_timeline(unmarked, kept))
