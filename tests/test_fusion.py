@@ -84,6 +84,27 @@ def test_a_value_read_only_by_fusing_readers_is_never_stored() -> None:
     assert np.all(memory_timeline(len(jaxpr.eqns), intervals) <= 4)
 
 
+def test_a_sum_of_gradients_is_stored_from_its_first_add() -> None:
+    # The stacked weights' gradient is `add_any(pad(dw_i), ...)` over the layers: XLA
+    # holds the whole sum from the first add (in place, or as every `dw_i` kept for one
+    # kernel at the end), never just at the end.
+    def loss(w, x):
+        for i in range(w.shape[0]):
+            x = jnp.tanh(x @ w[i])
+        return jnp.sum(x)
+
+    w, x = jax.ShapeDtypeStruct((4, 128, 128), F32), jax.ShapeDtypeStruct((64, 128), F32)
+    usage = usage_of(loss, w, x)
+    adds = [
+        i for i, e in enumerate(usage.eqns)
+        if str(e.primitive) == "add_any" and e.outvars[0].aval.shape == w.shape
+    ]  # fmt: skip
+    assert len(adds) == 3 and adds[0] > usage.boundary
+    wide = [(first, last) for size, first, last in usage.buffers if size == w.size * 4]
+    held = memory_timeline(len(usage.eqns), [(1, a, b) for a, b in wide if a >= 0])
+    assert np.all(held[adds[0] + 1 :] == 1) and np.all(held[: adds[0] + 1] == 0)
+
+
 def test_a_max_pools_gradient_counts_xlas_scratch() -> None:
     # The backward's select_and_scatter_add: per pooled value, its f32 value and an s32
     # index per dimension (5 x 4 bytes), while it runs; nothing for other equations. The
