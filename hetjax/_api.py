@@ -75,9 +75,11 @@ def het_offload(
       policy: `"auto"` (move what the cost model says hides under compute),
         `"all"` (move every eligible residual of at least `min_bytes`), `"none"`
         (identical to not decorating), or a callable `ResidualUsage -> bool`
-        asked about each eligible residual. Where there is a compiler (`target`, or a
-        local GPU), `"auto"` and `"all"` keep a plan only if it compiles to no higher a
-        peak than the undecorated function; a callable is not checked.
+        asked about each eligible residual (a move with no window between its
+        two copies, made just before the backward, is kept). Where there is a
+        compiler (`target`, or a local GPU), `"auto"` and `"all"` keep a plan only if
+        it compiles to no higher a peak than the undecorated function; a callable is
+        not checked.
       device_budget: peak device bytes for `"auto"`: compiled bytes (argument + output
         - alias + temp of the gradient computation) where the plan is checked against a
         compiler (`target`, or a local GPU), else the memory model's predicted bytes.

@@ -294,6 +294,11 @@ def _first_decision(r: ResidualUsage, policy: Policy, min_bytes: int, rebuild: b
 Evaluate = Callable[[Mapping[int, Decision]], tuple[tuple[ResidualUsage, ...], np.ndarray, float]]
 
 
+def _moved(records: tuple[ResidualUsage, ...]) -> set[int]:
+    """The residuals `records` move: a chosen move with no window is kept (`_with_pins`)."""
+    return {r.index for r in records if r.decision == "offload"}
+
+
 def budget_order(
     usage: Usage, min_bytes: int, profile: DeviceProfile | None = None, worth: bool = True
 ) -> list[tuple[int, Decision]]:
@@ -415,11 +420,18 @@ def _greedy_choices(
     the peak. Move it where it is among those worth the link (`_worth_moving`, with
     `worth`); else recompute it by its chain where that takes less time than its two
     copies over the link (the link is shared by every move, hidden or not), else move
-    it."""
+    it. A move left with no window (`_with_pins`) is rebuilt where a chain may, else
+    kept."""
     chosen: dict[int, Decision] = {}
     moving = _worth_moving(usage, eligible, evaluate, profile) if worth else frozenset()
     while True:
         records, memory, _ = evaluate(chosen)
+        moved = _moved(records)
+        windowless = [k for k, d in chosen.items() if d == "offload" and k not in moved]
+        if windowless:  # rebuilt where a chain may, else kept
+            for k in windowless:
+                chosen[k] = "recompute" if _chain_allowed(usage, k, chosen) else "keep"
+            continue
         if memory.max() <= budget:
             return list(chosen.items())
         peak = int(np.argmax(memory)) - 1  # index 0 is position -1
@@ -471,8 +483,9 @@ def _worth_moving(
     exposed = 0.0
     for g in sorted(groups, key=lambda g: (-cost[g], groups[g])):
         trial = {**moved, **dict.fromkeys(groups[g], "offload")}
-        added = evaluate(trial)[2] - exposed
-        if added < cost[g]:
+        records, _, trial_exposed = evaluate(trial)
+        added = trial_exposed - exposed
+        if added < cost[g] and _moved(records) >= set(trial):
             moved, exposed = trial, exposed + added
     return frozenset(moved)
 
@@ -538,7 +551,8 @@ def _hiding_choices(
     moved: list[int] = []
     movable = [r for r in eligible if r.offloadable and r.index not in usage.checkpoints]
     for r in sorted(movable, key=lambda r: (-r.nbytes * r.idle_span, r.index)):
-        if evaluate(dict.fromkeys([*moved, r.index], "offload"))[2] <= allowed_s:
+        records, _, exposed = evaluate(dict.fromkeys([*moved, r.index], "offload"))
+        if exposed <= allowed_s and r.index in _moved(records):
             moved.append(r.index)
     chosen: dict[int, Decision] = dict.fromkeys(moved, "offload")
     spent = evaluate(chosen)[2] if moved else 0.0
@@ -626,7 +640,37 @@ def _with_pins(
     bottleneck: a copy to host must finish before the `in_flight`-th next moved residual
     is produced, and a copy back must not start before the previously needed one is
     consumed. So at most about `in_flight` + 1 moved residuals are in flight at a time.
+
+    A move whose copy to host is not done before its copy back must start (both pinned
+    at the forward's end) frees nothing and costs the link both ways: it is kept (the
+    reference mlp's hiding order, H200, jax 0.11.2: XLA held the device copy of such a
+    residual through the backward). The other pins stay where they were placed with it:
+    placed again, the copy before it would be pinned at the forward's end too, and so on.
     """
+    by_index = {r.index: r for r in usage.residuals}
+    pins = _pin_positions(usage, decided, clock, profile, in_flight)
+    windowless = [
+        k for k, at in pins.items()
+        if not by_index[k].per_iteration and at["offload_by"] >= at["prefetch_at"]
+    ]  # fmt: skip
+    decided = {**decided, **dict.fromkeys(windowless, "keep")}
+    for k in windowless:
+        del pins[k]
+    by_index = _read_checkpoints(by_index, *_first_need(by_index, decided, usage))
+    return tuple(
+        dataclasses.replace(by_index[r.index], decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
+        for r in usage.residuals
+    )
+
+
+def _pin_positions(
+    usage: Usage,
+    decided: dict[int, str],
+    clock: np.ndarray,
+    profile: DeviceProfile,
+    in_flight: int,
+) -> dict[int, dict[str, int]]:
+    """`offload_by` and `prefetch_at` of each moved residual (`_with_pins`)."""
     by_index = {r.index: r for r in usage.residuals}
     need, last = _first_need(by_index, decided, usage)
     by_index = _read_checkpoints(by_index, need, last)
@@ -667,10 +711,7 @@ def _with_pins(
     for r in moved:
         if r.per_iteration:  # copied inside the scans that make and read it
             pins[r.index] = {"offload_by": r.produced_at + 1, "prefetch_at": need[r.index]}
-    return tuple(
-        dataclasses.replace(r, decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
-        for r in residuals
-    )
+    return pins
 
 
 def _copy_starts(r: ResidualUsage) -> int:
