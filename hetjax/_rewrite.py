@@ -290,7 +290,11 @@ def orders(eqn: JaxprEqn) -> bool:
     broadcast literal) orders nothing: tied to one, a rebuild made XLA keep the
     forward's equal constant, merged with it, until the tie (relu's 512 MiB of zeros on
     the reference cnn, H200, jax 0.11.2: 3246 -> 2709 MB with every chain without a
-    matmul rebuilt)."""
+    matmul rebuilt). A broadcast of a value anchors by that value (`run_backward`): XLA
+    must write out what a barrier reads, and fuses a broadcast into its readers
+    otherwise (a batch norm's backward, its per-channel term broadcast to the stem's
+    f32 shape: 1 GiB more on the reference cnn with every chain without a matmul
+    rebuilt and the rest moved, H200, jax 0.12.0.1)."""
     return any(isinstance(v, Var) for v in eqn.invars)
 
 
@@ -442,7 +446,7 @@ def run_backward(
             if not fuses(eqn):
                 stored_anyway.update(eqn.outvars)
         if outs and hasattr(outs[0], "shape") and eqn.outvars[0] not in sums and orders(eqn):
-            recent[0] = outs[0]
+            recent[0] = read(eqn.invars[0]) if eqn.primitive.name == "broadcast_in_dim" else outs[0]
     return [read(v) for v in jaxpr.outvars]
 
 
