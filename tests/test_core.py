@@ -94,8 +94,10 @@ def test_jaxpr_holds_planned_host_moves(model):
     argnums = differentiable(args)
     jaxpr = jax.make_jaxpr(jax.grad(hetjax.het_offload(loss, **ALL), argnums))(*args)
     assert host_puts(jaxpr) > 0
-    assert "optimization_barrier" in str(jaxpr)
-    if model != "scan":  # scan residuals come back slice by slice (tested below)
+    # The scan's residuals move slice by slice inside its loops (tested below); its one
+    # whole residual, made just before the backward, has no window to move in.
+    if model != "scan":
+        assert "optimization_barrier" in str(jaxpr)
         # Every host copy comes back: one device_put to Device per host copy.
         assert str(jaxpr).count("devices=(MemorySpace.Device,)") == host_puts(jaxpr)
 
