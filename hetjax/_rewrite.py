@@ -404,6 +404,23 @@ def run_backward(
     stored_anyway = set(ct_invars)  # flowing values not fused into their readers
     unfit = pieces | sums
     late: list[int] = []
+    # Values broadcast from another: a tie to one ties to what it broadcasts, and the
+    # broadcast is made again from the tied value. XLA must write out what a barrier
+    # reads, and fuses a broadcast into its readers otherwise (the reference gpt's
+    # `policy="all"`, its loss gradient, H200, jax 0.11.2: 25 fetches tied to f32
+    # broadcasts of a layer norm's per-token terms: 6277 MiB temp, 4526 tied so, at the
+    # same predicted time; the gpt_scan's 8327 -> 6348 MiB).
+    broadcasts: dict[Var, Any] = {}
+
+    def tie_to(values: list[Any], v: Var) -> list[Any]:
+        made = broadcasts.get(v)
+        if made is None:
+            tied, env[v] = _tie(values, env[v])
+            return tied
+        tied, operand = _tie(values, env[made.invars[0]])
+        env[v] = bind_eqn(made, [operand, *(read(x) for x in made.invars[1:])])[0]
+        return tied
+
     for j, eqn in enumerate(jaxpr.eqns):
         ks = [k for k in (*late, *prefetch.get(j, ())) if k in on_host]
         at = _first_var(eqn, env, lambda v: v in stored_anyway and v not in unfit)
@@ -416,8 +433,7 @@ def run_backward(
         if ks and anchor is None and j + 1 < len(jaxpr.eqns):
             late, ks = ks, []
         if ks and anchor is not None:
-            tied, env[anchor] = _tie([on_host[k] for k in ks], env[anchor])
-            on_host.update(zip(ks, tied, strict=True))
+            on_host.update(zip(ks, tie_to([on_host[k] for k in ks], anchor), strict=True))
         for k in ks:
             fetch(k)
         # Pinned at both ends: XLA's scheduler would start a fetch only as early as its
@@ -425,8 +441,7 @@ def run_backward(
         # use for a 2.6 ms copy), so the copy must also be done by its arrival.
         done = [k for k in arrive.get(j, ()) if k in value and res_invars[k] not in env]
         if done and anchor is not None:
-            tied, env[anchor] = _tie([value[k] for k in done], env[anchor])
-            value.update(zip(done, tied, strict=True))
+            value.update(zip(done, tie_to([value[k] for k in done], anchor), strict=True))
         if j in sliced or j in rebuilt:  # stacks read from host or rebuilt, slice by slice
             here, rebuild = sliced.get(j, []), rebuilt.get(j, {})
             invals = [
@@ -437,6 +452,8 @@ def run_backward(
         else:
             outs = bind_backward(eqn, [read(v) for v in eqn.invars])
         env.update(zip(eqn.outvars, outs, strict=True))
+        if eqn.primitive.name == "broadcast_in_dim" and isinstance(eqn.invars[0], Var):
+            broadcasts[eqn.outvars[0]] = eqn
         if all(v in pieces for v in eqn.outvars) and any(
             isinstance(v, Var) and v not in pieces for v in eqn.invars
         ):  # a piece made from backward values (not a view or sum of pieces)
