@@ -132,7 +132,9 @@ def EVERY(r: hetjax.ResidualUsage) -> bool:
 def test_a_moved_residual_is_host_bytes_and_plain_has_none() -> None:
     report = hetjax.analyze(mlp, WS, X, policy=EVERY, target="h200")
     plain, planned = report.compiled.plain, report.compiled.planned
-    assert report.moved_bytes == 4 * 1024 * 512 * 2  # the four tanh outputs
+    # The first three tanh outputs: the last, made just before the backward, has no
+    # window to move in (its copy to host would end where its copy back must start).
+    assert report.moved_bytes == 3 * 1024 * 512 * 2
     assert plain.host_temp_bytes == 0
     assert planned.host_temp_bytes == report.moved_bytes
     # Nothing moved: no host bytes either, and the same argument and output bytes.
@@ -290,7 +292,9 @@ def test_auto_never_compiles_above_plain_and_says_why(recwarn: pytest.WarningsCh
     # program needs more device memory than plain (a copy on each side of the move).
     unchecked = hetjax.analyze(small_loss, W, X1, min_bytes=0, profile=INSTANT_LINK)
     assert unchecked.moved_bytes == 2 * 2**20 and unchecked.plan.checked_by is None
-    moved = hetjax.analyze(small_loss, W, X1, policy=EVERY, min_bytes=0, target="h200")
+    moved = hetjax.analyze(small_loss, W, X1, policy=EVERY, min_bytes=0, profile=INSTANT_LINK,
+                           target="h200")  # fmt: skip
+    assert moved.moved_bytes == 2 * 2**20
     assert moved.compiled.planned.peak_bytes > moved.compiled.plain.peak_bytes
 
     with pytest.warns(hetjax.HetjaxWarning, match=r"policy='auto' moves nothing here"):
@@ -547,7 +551,8 @@ def test_policy_all_moves_the_convolution_outputs_batch_norms_rebuild_from() -> 
         report = hetjax.analyze(conv_bn_layers, ws, x, policy="all", target="h200")
     moved = [r for r in report.residuals if r.decision == "offload"]
     assert moved and all(r.checkpoint and r.primitive == "conv_general_dilated" for r in moved)
-    assert report.moved_bytes == sum(r.nbytes for r in moved) == 4 * 32 * 32 * 32 * 64 * 2
+    # The first three: the last is made just before the backward (no window to move in).
+    assert report.moved_bytes == sum(r.nbytes for r in moved) == 3 * 32 * 32 * 32 * 64 * 2
     # jax 0.11.2: 0.91 of plain's peak, at plain's matmul flops; jax 0.10.2's XLA keeps
     # more here: 0.9995 (43,140,172 against 43,161,924 bytes).
     compiled = report.compiled
