@@ -544,8 +544,9 @@ def conv_bn_layers(ws: list, x: jax.Array) -> jax.Array:
 def test_policy_all_moves_the_convolution_outputs_batch_norms_rebuild_from() -> None:
     ws, x = [spec((3, 3, 64, 64), jnp.float32)] * 4, spec((32, 32, 32, 64))
     unchecked = hetjax.analyze(conv_bn_layers, ws, x, policy=EVERY, target="h200").compiled
-    # Moving JAX's f32 residuals forces them to exist (jax 0.11.2: 1.35x plain's peak).
-    assert unchecked.planned.peak_bytes > unchecked.plain.peak_bytes
+    # Moving JAX's f32 residuals forces them to exist: it saves nothing (jax 0.10.2:
+    # 1.34x plain's peak; 0.11.2: 1.22x; 0.12.0.1: 0.99997x).
+    assert unchecked.planned.peak_bytes > 0.99 * unchecked.plain.peak_bytes
     with warnings.catch_warnings():
         warnings.simplefilter("error", hetjax.HetjaxWarning)
         report = hetjax.analyze(conv_bn_layers, ws, x, policy="all", target="h200")
@@ -553,10 +554,10 @@ def test_policy_all_moves_the_convolution_outputs_batch_norms_rebuild_from() -> 
     assert moved and all(r.checkpoint and r.primitive == "conv_general_dilated" for r in moved)
     # The first three: the last is made just before the backward (no window to move in).
     assert report.moved_bytes == sum(r.nbytes for r in moved) == 3 * 32 * 32 * 32 * 64 * 2
-    # jax 0.11.2: 0.91 of plain's peak, at plain's matmul flops; jax 0.10.2's XLA keeps
-    # more here: 0.9995 (43,140,172 against 43,161,924 bytes).
+    # At plain's matmul flops: 0.64 of plain's peak on jax 0.11.2, 0.59 on 0.12.0.1 and
+    # 0.81 on 0.10.2 (0.91, -, 0.9995 before the last output stayed, without a window).
     compiled = report.compiled
-    bound = 0.95 if jax.__version_info__ >= (0, 11) else 1
+    bound = 0.7 if jax.__version_info__ >= (0, 11) else 0.85
     assert compiled.planned.peak_bytes < bound * compiled.plain.peak_bytes
     assert compiled.planned_step.matmul_flops == compiled.plain_step.matmul_flops
     # The gradients, on CPU: within the rounding XLA's own choices make here (bf16
