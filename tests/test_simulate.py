@@ -181,7 +181,7 @@ def test_moved_bytes_are_link_time_and_plain_has_none(gpu_compile: None) -> None
     ws, x = [jax.ShapeDtypeStruct((2048, 2048), BF16)] * 4, jax.ShapeDtypeStruct((8192, 2048), BF16)
     offloaded = hetjax.het_offload(mlp, policy=lambda r: r.primitive == "tanh")
     moved = offloaded.analyze(ws, x).moved_bytes
-    assert moved == 4 * 8192 * 2048 * 2
+    assert moved == 3 * 8192 * 2048 * 2  # the last tanh is made just before the backward
     e = hetjax.simulate_step(hetjax.compile_for(jax.grad(offloaded), ws, x, target="h200"), "h200")
     assert e.d2h_ms == pytest.approx(moved / PROFILE.d2h_bytes_per_s * 1e3)
     assert e.h2d_ms == pytest.approx(moved / PROFILE.h2d_bytes_per_s * 1e3)
