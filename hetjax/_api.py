@@ -95,13 +95,16 @@ def het_offload(
         >>> import jax, jax.numpy as jnp, hetjax
         >>> @hetjax.het_offload(policy="all", min_bytes=0)
         ... def loss(w, x):
-        ...     return jnp.mean(jnp.tanh(x @ w) ** 2)
+        ...     return jnp.mean(jnp.tanh(jnp.tanh(x @ w) @ w) ** 2)
         >>> w, x = jnp.full((8, 8), 0.1), jnp.ones((4, 8))
         >>> g = jax.jit(jax.grad(loss))(w, x)
         >>> bool(jnp.array_equal(g, jax.jit(jax.grad(loss.__wrapped__))(w, x)))
         True
         >>> loss.analyze(w, x).moved_bytes  # the plan, without running: tanh(x @ w)
         128
+
+    (The second layer's tanh is made just before the backward, which reads it first:
+    its copy to host could not end before its copy back must start, so it stays.)
     """
     check_options(policy, min_bytes, device_budget)
     if target is not None:

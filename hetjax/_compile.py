@@ -88,7 +88,7 @@ def compile_for(
         >>> import jax, jax.numpy as jnp, hetjax
         >>> @hetjax.het_offload(policy="all")
         ... def loss(w, x):
-        ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
+        ...     return jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w) ** 2)
         >>> w = x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
         >>> text = hetjax.compile_for(jax.grad(loss), w, x, target="h200").as_text()
         >>> "copy-start" in text  # tanh(x @ w) to host and back, scheduled beside compute

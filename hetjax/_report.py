@@ -187,7 +187,7 @@ def analyze(
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
         >>> def loss(w, x):
-        ...     return jnp.mean(jnp.tanh(x @ w) ** 2)
+        ...     return jnp.mean(jnp.tanh(jnp.tanh(x @ w) @ w) ** 2)
         >>> report = hetjax.analyze(loss, jnp.ones((64, 64)), jnp.ones((32, 64)),
         ...                         policy="all", min_bytes=0)
         >>> print(report.table().splitlines()[0].split()[:4])

@@ -59,7 +59,7 @@ class ResidualUsage:
     Example:
         >>> import jax, jax.numpy as jnp, hetjax
         >>> def loss(w, x):
-        ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
+        ...     return jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w) ** 2)
         >>> w, x = jnp.ones((64, 64)), jnp.ones((32, 64))
         >>> report = hetjax.analyze(loss, w, x, policy="all", min_bytes=0)
         >>> [(r.primitive, r.decision) for r in report.residuals if r.decision == "offload"]
