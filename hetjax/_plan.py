@@ -648,7 +648,9 @@ def _with_pins(
     placed again, the copy before it would be pinned at the forward's end too, and so on.
     """
     by_index = {r.index: r for r in usage.residuals}
-    pins = _pin_positions(usage, decided, clock, profile, in_flight)
+    need, last = _first_need(by_index, decided, usage)  # keeping a move changes neither
+    by_index = _read_checkpoints(by_index, need, last)
+    pins = _pin_positions(usage, by_index, need, decided, clock, profile, in_flight)
     windowless = [
         k for k, at in pins.items()
         if not by_index[k].per_iteration and at["offload_by"] >= at["prefetch_at"]
@@ -656,7 +658,6 @@ def _with_pins(
     decided = {**decided, **dict.fromkeys(windowless, "keep")}
     for k in windowless:
         del pins[k]
-    by_index = _read_checkpoints(by_index, *_first_need(by_index, decided, usage))
     return tuple(
         dataclasses.replace(by_index[r.index], decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
         for r in usage.residuals
@@ -665,15 +666,15 @@ def _with_pins(
 
 def _pin_positions(
     usage: Usage,
+    by_index: dict[int, ResidualUsage],
+    need: dict[int, int],
     decided: dict[int, str],
     clock: np.ndarray,
     profile: DeviceProfile,
     in_flight: int,
 ) -> dict[int, dict[str, int]]:
-    """`offload_by` and `prefetch_at` of each moved residual (`_with_pins`)."""
-    by_index = {r.index: r for r in usage.residuals}
-    need, last = _first_need(by_index, decided, usage)
-    by_index = _read_checkpoints(by_index, need, last)
+    """`offload_by` and `prefetch_at` of each moved residual (`_with_pins`), from the
+    records `by_index` and first needs `need` of `_first_need`."""
     residuals = [by_index[r.index] for r in usage.residuals]
     moved = [r for r in residuals if decided[r.index] == "offload"]
 
