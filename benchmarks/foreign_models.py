@@ -18,7 +18,7 @@ machine's backend in f32 and in bf16: the relative L2 difference of hetjax's gra
 (`jax.disable_jit`), beside plain's own difference between the two.
 
 Usage (needs `pip install equinox "transformers<5"` beside `.[dev]`; no GPU):
-    JAX_PLATFORMS=cpu python benchmarks/foreign_models.py gpt2 [--numerics]
+    JAX_PLATFORMS=cpu python benchmarks/foreign_models.py gpt2 [--numerics | --variants all]
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def gpt2_model(
 MODELS = {"equinox": (equinox_model, 16, 512), "gpt2": (gpt2_model, 8, 1024)}
 
 
-def memory(name: str) -> None:
+VARIANTS = ("all", "auto", "auto@0.8", "auto@0.6")
+
+
+def memory(name: str, variants: tuple[str, ...] = VARIANTS) -> None:
     build, batch, tokens = MODELS[name]
     loss, args = build(jnp.bfloat16, batch, tokens)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
@@ -123,6 +126,8 @@ def memory(name: str) -> None:
         ("auto@0.8", dict(policy="auto", device_budget=0.8 * peak)),
         ("auto@0.6", dict(policy="auto", device_budget=0.6 * peak)),
     ]:
+        if variant not in variants:
+            continue
         start = time.time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -176,8 +181,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--numerics", action="store_true", help="gradients here, not memory")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="memory: these only"
+    )
     args = parser.parse_args()
-    (numerics if args.numerics else memory)(args.model)
+    if args.numerics:
+        numerics(args.model)
+    else:
+        memory(args.model, tuple(args.variants))
 
 
 if __name__ == "__main__":
