@@ -737,7 +737,8 @@ def test_policy_all_makes_each_parameter_gradient_at_once():
     ]  # fmt: skip
     assert any(v.aval.ndim == 1 for v in tied)  # a bias or a norm's scale
     assert {v.aval.shape for v in tied if v.aval.ndim == 2} & shapes  # a weight
-    # A chosen plan of "auto" keeps its own: speed first, nothing tied so.
+    # "auto" without a budget puts speed first and ties none (tied so, the reference
+    # gpt's `auto` compiled to 0.83 of plain's train-step temp against 0.78 untied).
     assert not make_plan(usage, "auto", min_bytes=0).ties_pieces
     with jax.disable_jit():
         planned, plain = (gradient_program(primal, usage, p)(*inputs) for p in (plan, None))
