@@ -126,9 +126,6 @@ class Plan:
     compiled_peak_bytes: int | None = None
     # "auto" without a budget: pins that cost no compute over memory (see `_rewrite`).
     speed_first: bool = False
-    # `policy="all"` or a callable: the backward makes each parameter-gradient piece at
-    # once, as a plan that rebuilds layers from checkpoints does (`_rewrite.run_backward`).
-    ties_pieces: bool = False
     # The step time predicted from each compiled schedule (`_simulate`), where known.
     predicted_plain_step_ms: float | None = None
     predicted_step_ms: float | None = None
@@ -221,7 +218,6 @@ def make_plan(
     plan = Plan(
         records, profile, policy_name, device_budget, tuple(float(t) for t in clock),
         usage.boundary, baseline, predicted, exposed, speed_first=speed_first,
-        ties_pieces=choices is None and (policy == "all" or callable(policy)),
         recompute_s=sum(chain_seconds(usage, k, profile) for k in rebuilt),
     )  # fmt: skip
     if not plan.feasible:

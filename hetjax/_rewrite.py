@@ -398,13 +398,11 @@ def run_backward(
     # f32 (b*t, d) products out and read more around them: 190.3 ms predicted, and
     # 187.7 anchored so, at the same compiled peak. The reference cnn's budgets: 0.91
     # of plain's train-step temp at 1.51x its predicted time, and 0.78 at 1.29x.
-    # `policy="all"` ties them too (`Plan.ties_pieces`): untied, XLA put the reductions
-    # of 24 bias gradients of the reference gpt's `all` at the program's end, holding
-    # their 64 MiB cotangents through its backward peak (its loss gradient, H200, jax
-    # 0.11.2: 4526 -> 4101 MiB temp; gpt_scan 6348 -> 6151, cnn 3375 -> 3078, mlp 416
-    # either way, at the predicted times of before within 0.4%).
+    # TODO: tying them in every `policy="all"` plan too took the reference gpt's `all`
+    # from 4526 to 4101 MiB (loss gradient, H200, jax 0.11.2: XLA had reduced 24 bias
+    # gradients at the program's end), but an FSDP-sharded `all` on eight CPU devices
+    # then differed from plain's gradient by an ulp (tests/multidevice_cases.py).
     restarts = any(r.checkpoint and r.read_in_backward for r in plan.residuals)
-    restarts = restarts or plan.ties_pieces
     pieces = gradient_pieces(jaxpr) if restarts and not plan.speed_first else set()
     pending: list[Var] = []  # pieces made since the last flowing equation
     stored_anyway = set(ct_invars)  # flowing values not fused into their readers

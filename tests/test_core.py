@@ -711,40 +711,6 @@ def test_fetches_are_never_tied_to_a_broadcast():
     # elsewhere; here, with --xla_allow_excess_precision=false, 9e-8 relative on CPU.)
 
 
-def test_policy_all_makes_each_parameter_gradient_at_once():
-    """`policy="all"` ties each parameter-gradient piece into the backward as it is made
-    (`Plan.ties_pieces`), as a plan that rebuilds layers does: untied, XLA reduced the
-    reference gpt's bias gradients at the program's end, their cotangents held through
-    its backward peak (loss gradient, H200, jax 0.11.2: 4526 MiB temp so, 4101 tied)."""
-    from test_benchmarks import benchmark_models
-
-    from hetjax._check import gradient_program
-    from hetjax._plan import make_plan
-
-    models = benchmark_models()
-    gpt = models.gpt("tiny")
-    params, batch = gpt.init()
-    primal, inputs, usage = _traced(gpt.loss_with(models.identity_layer), params, batch)
-    plan = make_plan(usage, "all", min_bytes=0)
-    assert plan.ties_pieces and plan.offloaded
-    assert not any(r.checkpoint and r.read_in_backward for r in plan.residuals)
-    shapes = {x.shape for x in jax.tree.leaves(params)}
-    program = jax.make_jaxpr(gradient_program(primal, usage, plan))(*inputs)
-    tied = [  # parameter-shaped values made in the backward and tied by a barrier
-        v for eqn, made in _barriers(program.jaxpr)
-        for v, p in zip(eqn.invars[:-1], made[:-1], strict=True)
-        if p is not None and v.aval.shape in shapes
-    ]  # fmt: skip
-    assert any(v.aval.ndim == 1 for v in tied)  # a bias or a norm's scale
-    assert {v.aval.shape for v in tied if v.aval.ndim == 2} & shapes  # a weight
-    # "auto" without a budget puts speed first and ties none (tied so, the reference
-    # gpt's `auto` compiled to 0.83 of plain's train-step temp against 0.78 untied).
-    assert not make_plan(usage, "auto", min_bytes=0).ties_pieces
-    with jax.disable_jit():
-        planned, plain = (gradient_program(primal, usage, p)(*inputs) for p in (plan, None))
-    assert_trees_equal(planned, plain)
-
-
 def test_a_budget_rebuilds_norms_from_a_checkpoint_of_the_layer_input():
     # Pre-norm residual layers: the stream x is no residual (the norm keeps its own f32
     # pieces), but it lives across the layer, so it is a checkpoint. Under a tight
