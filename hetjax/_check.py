@@ -301,9 +301,16 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         layer's checkpoints too, rebuilding each layer from kept checkpoints may meet it
         faster. (The reference gpt's train step at remat's peak, H200, jax 0.11.2:
         every chain rebuilt met it at 191 ms predicted, 0.93 of remat's extra flops,
-        where the order's prefix took 222 ms and 1.05, moving 1.5 GiB. With the moves,
-        its loss gradient: 0.84 at 213 ms against 188; XLA starts each forward copy
-        only about 1.5 ms before the copy-done the plan pins.)"""
+        where the order's prefix took 222 ms and 1.05, moving 1.5 GiB. With the moves
+        (13, 1.8 GiB), its loss gradient: 0.71 of remat's extra flops, but 1.09 of
+        remat's peak and 200.7 ms against 185.9 without them; XLA starts each forward
+        copy only about 1.5 ms before the copy-done the plan pins.)"""
+        # TODO: hide those copies. The pins place only a copy's done; XLA's scheduler
+        # places its start. In the reference gpt's loss gradient at remat's peak (H200,
+        # jax 0.11.2) it started each 256 MiB MLP-hidden copy a whole layer after the
+        # value was made, five loop fusions before the pinned done (1.5 ms of 5.5 on the
+        # link: 16 ms exposed over 4 copies), where a toy program's copy starts at its
+        # producer. Moved in pieces, each pinned in turn, they may hide (not tried).
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         found = []
         for choices in (chains, {**chains, **moved}):
