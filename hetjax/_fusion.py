@@ -240,7 +240,7 @@ def stored_intervals(
             first[v] = offset + i + (1 if reuse else 0)
         pieces = [x for x in eqn.invars if isinstance(x, Var)]
         if str(eqn.primitive) == "add_any" and pieces and all(x in padded_at for x in pieces):
-            # A stacked gradient's first sum: the earlier pad's buffer (see above).
+            # A stacked gradient's first sum: the earlier pad's buffer (module docstring).
             first[eqn.outvars[0]] = min(padded_at[x] for x in pieces)
     scratch = [(scratch_bytes(eqn), offset + i, offset + i) for i, eqn in enumerate(eqns)]
     stored = [
