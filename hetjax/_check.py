@@ -310,7 +310,13 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         # jax 0.11.2) it started each 256 MiB MLP-hidden copy a whole layer after the
         # value was made, five loop fusions before the pinned done (1.5 ms of 5.5 on the
         # link: 16 ms exposed over 4 copies), where a toy program's copy starts at its
-        # producer. Moved in pieces, each pinned in turn, they may hide (not tried).
+        # producer. Without the final norm's f32 move (128 MiB, in flight at the logits'
+        # peak) the moves meet the budget, 8473 MiB, at 0.71 of remat's extra flops, but
+        # at 201.1 ms predicted the chains alone (185.9) win. Split in four slices along
+        # the leading axis, each slice's done pinned a quarter further on, fetched back
+        # one by one and joined, they hid (186.7 ms), but the compiled peak rose to 8985
+        # MiB where XLA's own live ranges peak at 8138 MiB either way: its heap packs the
+        # 64 MiB slices badly (128 MiB slices: 9113; 32 MiB: 8825 at 210.9 ms). Not kept.
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         found = []
         for choices in (chains, {**chains, **moved}):
