@@ -57,6 +57,7 @@ from ._plan import (
     chains_and_moves,
     hiding_order,
     make_plan,
+    move_groups,
     rebuild_choices,
     warn_once,
 )
@@ -296,34 +297,47 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
     def by_chains(order: list, profile: DeviceProfile | None) -> list[tuple[Plan, int]]:
         """Every residual of the greedy `order` that a chain may rebuild, rebuilt, and
-        nothing moved; then the same with the moves `_plan.chains_and_moves` picks; with
-        their peaks. Where the order's shortest prefix that meets the budget moves a
-        layer's checkpoints too, rebuilding each layer from kept checkpoints may meet it
-        faster. (The reference gpt's train step at remat's peak, H200, jax 0.11.2:
-        every chain rebuilt met it at 191 ms predicted, 0.93 of remat's extra flops,
-        where the order's prefix took 222 ms and 1.05, moving 1.5 GiB. With the moves
-        (13, 1.8 GiB), its loss gradient: 0.71 of remat's extra flops, but 1.09 of
-        remat's peak and 200.7 ms against 185.9 without them; XLA starts each forward
-        copy only about 1.5 ms before the copy-done the plan pins.)"""
-        # TODO: hide those copies. The pins place only a copy's done; XLA's scheduler
-        # places its start. In the reference gpt's loss gradient at remat's peak (H200,
-        # jax 0.11.2) it started each 256 MiB MLP-hidden copy a whole layer after the
-        # value was made, five loop fusions before the pinned done (1.5 ms of 5.5 on the
-        # link: 16 ms exposed over 4 copies), where a toy program's copy starts at its
-        # producer. Without the final norm's f32 move (128 MiB, in flight at the logits'
-        # peak) the moves meet the budget, 8473 MiB, at 0.71 of remat's extra flops, but
-        # at 201.1 ms predicted the chains alone (185.9) win. Split in four slices along
-        # the leading axis, each slice's done pinned a quarter further on, fetched back
-        # one by one and joined, they hid (186.7 ms), but the compiled peak rose to 8985
-        # MiB where XLA's own live ranges peak at 8138 MiB either way: its heap packs the
-        # 64 MiB slices badly (128 MiB slices: 9113; 32 MiB: 8825 at 210.9 ms). Not kept.
+        nothing moved; then the moves `_plan.chains_and_moves` picks instead of their
+        chains, one group (`_plan.move_groups`) at a time, each kept where the plan
+        still meets the budget (or its peak so far) and its predicted step time falls;
+        then all of them; with their peaks. Where the order's shortest prefix that
+        meets the budget moves a layer's checkpoints too, rebuilding each layer from
+        kept checkpoints may meet it faster. (The reference gpt's train step at remat's
+        peak, H200, jax 0.11.2: every chain rebuilt met it at 191 ms predicted, 0.93 of
+        remat's extra flops, where the order's prefix took 222 ms and 1.05, moving 1.5
+        GiB. With all 13 moves (1.8 GiB), its loss gradient: 0.71 of remat's extra
+        flops, but 1.09 of remat's peak and 200.7 ms against 185.9 without them. Its
+        five MLP hiddens alone: 0.985 of the peak, 0.74 of the extra flops, 184.3 ms;
+        beside the attention outputs' 64 MiB copies, XLA started each hidden's late.)"""
+        # TODO: hide the copies XLA still starts late. The pins place only a copy's
+        # done; XLA's scheduler places its start. With all 13 moves of the reference
+        # gpt's loss gradient at remat's peak (H200, jax 0.11.2) it started each 256 MiB
+        # MLP-hidden copy a layer after the value was made, five loop fusions before the
+        # pinned done (1.5 ms of 5.5 on the link). Split in four slices along the
+        # leading axis, each slice's done pinned a quarter further on, fetched back one
+        # by one and joined, the 12 moves that meet the budget hid (186.7 ms predicted
+        # against 201.1), but the compiled peak rose from 8473 to 8985 MiB where XLA's
+        # own live ranges peak at 8138 MiB either way: its heap packs the 64 MiB slices
+        # badly (128 MiB slices: 9113; 32 MiB: 8825 at 210.9 ms). Not kept.
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
-        found = []
-        for choices in (chains, {**chains, **moved}):
-            if choices and (not found or moved):
-                plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
-                                 speed_first=False, choices=choices)  # fmt: skip
-                found.append((plan, peak(plan)))
+        if not chains:
+            return []
+
+        def planned(choices: dict) -> tuple[Plan, int, float]:
+            plan = make_plan(usage, "auto", min_bytes=min_bytes, profile=profile,
+                             speed_first=False, choices=choices)  # fmt: skip
+            peak_bytes, ms = compiled(plan)
+            return plan, peak_bytes, np.inf if ms is None else ms
+
+        plan, best_peak, best_ms = planned(chains)
+        found, best = [(plan, best_peak)], chains
+        for group in move_groups(usage, moved, profile):
+            plan, peak_bytes, ms = planned({**best, **group})
+            found.append((plan, peak_bytes))
+            if peak_bytes <= max(budget, best_peak) and ms < best_ms:
+                best, best_peak, best_ms = {**best, **group}, peak_bytes, ms
+        if moved:
+            found.append(planned({**chains, **moved})[:2])
         return found
 
     def without_largest(plan: Plan, plain: int) -> list[tuple[Plan, int]]:

@@ -363,6 +363,23 @@ def chains_and_moves(
     return rebuilt, {k: "offload" for k in rebuilt if k in worth}
 
 
+def move_groups(
+    usage: Usage, moves: Mapping[int, Decision], profile: DeviceProfile | None = None
+) -> list[dict[int, Decision]]:
+    """`moves` (`chains_and_moves`' second half) grouped by the line of code that makes
+    them, which in a stack of layers is the same value in every layer; the group whose
+    chain takes longest first. The compile check takes them one group at a time: XLA
+    starts a host copy late where another copy is still on the link, so small moves
+    beside large ones can cost more link time than they save in flops (`_check`)."""
+    profile = profile or DeviceProfile.for_platform("gpu")
+    records = {r.index: r for r in usage.residuals}
+    groups: dict[str, dict[int, Decision]] = {}
+    for k in sorted(moves):
+        groups.setdefault(records[k].source, {})[k] = moves[k]
+    cost = {s: max(chain_seconds(usage, k, profile) for k in g) for s, g in groups.items()}
+    return [groups[s] for s in sorted(groups, key=lambda s: (-cost[s], min(groups[s])))]
+
+
 def _choices(
     usage: Usage,
     policy: Policy,
