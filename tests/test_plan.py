@@ -340,16 +340,33 @@ def test_a_budget_moves_a_matmul_chains_value_where_the_link_hides_it():
     assert dict(budget_order(usage, 0, slow))[exp.index] == "recompute"
 
 
+GPT_CONFIG = {"layers": 3, "dim": 128, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
+
+
+def _three_layer_gpt(monkeypatch: pytest.MonkeyPatch) -> Usage:
+    """The record of a three-layer version of the benchmarks' gpt (`GPT_CONFIG`)."""
+    import importlib.util
+    from pathlib import Path
+
+    from hetjax._api import usage_and_plan
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "models.py"
+    spec = importlib.util.spec_from_file_location("benchmark_models", path)
+    models = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, models)  # its dataclasses look it up
+    spec.loader.exec_module(models)
+    models.GPT_PRESETS["three_layers"] = GPT_CONFIG
+    model = models.MODELS["gpt"]("three_layers")
+    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
+    return usage_and_plan(model.loss, jax.eval_shape(model.init), {}, options)[0]
+
+
 def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the_peak(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`chains_and_moves` rebuilds the greedy order's residuals one chain deeper than the
     order may (a layer's attention output, from its probabilities and v), then any other
     that frees its bytes at the modelled peak: not the logits' `exp`, needed there."""
-    import importlib.util
-    from pathlib import Path
-
-    from hetjax._api import usage_and_plan
     from hetjax._plan import (
         LAYER_CHAIN_DEPTH,
         MAX_CHAIN_DEPTH,
@@ -359,16 +376,7 @@ def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the
         chains_and_moves,
     )
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "models.py"
-    spec = importlib.util.spec_from_file_location("benchmark_models", path)
-    models = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, models)  # its dataclasses look it up
-    spec.loader.exec_module(models)
-    config = {"layers": 3, "dim": 128, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
-    models.GPT_PRESETS["three_layers"] = config
-    model = models.MODELS["gpt"]("three_layers")
-    options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
-    usage = usage_and_plan(model.loss, jax.eval_shape(model.init), {}, options)[0]
+    usage = _three_layer_gpt(monkeypatch)
 
     order = dict(budget_order(usage, 0))
     rebuilt, moved = chains_and_moves(usage, list(order.items()), 0)
@@ -384,7 +392,31 @@ def test_the_every_chain_candidate_rebuilds_layers_whole_and_only_what_frees_the
     assert _chain_allowed(usage, some, rebuilt, max_depth=LAYER_CHAIN_DEPTH)
     assert not _chain_allowed(usage, some, rebuilt, max_depth=MAX_CHAIN_DEPTH)
     logits_exp = [r for r in usage.residuals if r.primitive == "exp"][-1]
-    assert logits_exp.shape[-1] == config["vocab"]
+    assert logits_exp.shape[-1] == GPT_CONFIG["vocab"]
     assert _chain_allowed(usage, logits_exp.index, rebuilt, max_depth=LAYER_CHAIN_DEPTH)
     assert logits_exp.index not in rebuilt
     assert set(moved) <= set(rebuilt)
+
+
+def test_moves_are_grouped_by_their_line_of_code_costliest_chain_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`move_groups` splits the moves that replace chains into one group per line of code,
+    which in a stack of layers is one value of every layer, the costliest chain first:
+    the compile check tries them a group at a time."""
+    from hetjax._cost import DeviceProfile
+    from hetjax._plan import chain_seconds, matmul_in, move_groups
+
+    usage = _three_layer_gpt(monkeypatch)
+    moves = {k: "offload" for k in usage.chains if matmul_in(usage, k)}
+    groups = move_groups(usage, moves)
+    assert {k: d for g in groups for k, d in g.items()} == moves
+    assert sum(map(len, groups)) == len(moves)
+    source = {r.index: r.source for r in usage.residuals}
+    assert all(len({source[k] for k in g}) == 1 for g in groups)
+    assert len({source[next(iter(g))] for g in groups}) == len(groups)
+    assert any(len(g) == GPT_CONFIG["layers"] for g in groups)  # a layer's value, per layer
+    profile = DeviceProfile.for_platform("gpu")
+    costliest = [max(chain_seconds(usage, k, profile) for k in g) for g in groups]
+    assert costliest == sorted(costliest, reverse=True)
+    assert len(groups) > 1
