@@ -24,9 +24,11 @@ target or the local GPU, and keeps only plans the compiler confirms:
   orders of choices (`_plan.budget_order`, with and without the moves the cost model
   finds cheaper than rebuilding, on its clock calibrated to the compiled plain
   program) are searched by bisection for the shortest prefix that compiles to at most
-  B (see `_bisect`); with every chain of the order rebuilt, with and without those
-  moves, as two more candidates, the fastest plan (predicted from its compiled
-  schedule) that meets B is kept. Where none does, `rebuild_choices` (with and
+  B (see `_bisect`); with every chain of the order rebuilt as another candidate, and
+  the moves the cost model prefers to those chains taken one group at a time
+  (`_plan.move_groups`, each kept where B is still met and the predicted step time
+  falls) and all at once, the fastest plan (predicted from its compiled schedule) that
+  meets B is kept. Where none does, `rebuild_choices` (with and
   without moves) is compiled too, and the fastest plan within `NEAR_PEAK` of the
   lowest peak found is kept.
 

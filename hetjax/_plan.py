@@ -368,9 +368,10 @@ def move_groups(
 ) -> list[dict[int, Decision]]:
     """`moves` (`chains_and_moves`' second half) grouped by the line of code that makes
     them, which in a stack of layers is the same value in every layer; the group whose
-    chain takes longest first. The compile check takes them one group at a time: XLA
-    starts a host copy late where another copy is still on the link, so small moves
-    beside large ones can cost more link time than they save in flops (`_check`)."""
+    chain takes longest first. The compile check takes them one group at a time: beside
+    other moves XLA may start a copy late (the reference gpt's MLP hiddens, beside its
+    attention outputs), so moves that save few flops can cost more link time than they
+    save (`_check`)."""
     profile = profile or DeviceProfile.for_platform("gpu")
     records = {r.index: r for r in usage.residuals}
     groups: dict[str, dict[int, Decision]] = {}
