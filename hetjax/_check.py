@@ -334,10 +334,11 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         plan, best_peak, best_ms = planned(chains)
         found, best = [(plan, best_peak)], chains
         for group in move_groups(usage, moved, profile):
-            plan, peak_bytes, ms = planned({**best, **group})
+            trial = {**best, **group}
+            plan, peak_bytes, ms = planned(trial)
             found.append((plan, peak_bytes))
             if peak_bytes <= max(budget, best_peak) and ms < best_ms:
-                best, best_peak, best_ms = {**best, **group}, peak_bytes, ms
+                best, best_peak, best_ms = trial, peak_bytes, ms
         if moved:
             found.append(planned({**chains, **moved})[:2])
         return found
