@@ -521,12 +521,26 @@ def _chain_allowed(
     per-iteration values, on any number."""
     if k not in usage.chains:
         return False
-    tentative = {**chosen, k: "recompute"}
+    depth = chain_depths(usage, {**chosen, k: "recompute"}, every_chain)
+    # A scan's per-iteration values rest on slices of their own iteration: however deep
+    # their chains, the backward loop redoes one layer, as per-layer `jax.checkpoint`
+    # does (the reference gpt_scan at remat's peak, H200, jax 0.11.2: its attention
+    # output, rebuilt, 0.95 of the budget at 197.7 ms predicted; limited to 3 deep, it
+    # moved instead, 0.97 at 233.7 ms, the copies into a host stack not hidden).
+    looped = {r.index for r in usage.residuals if r.per_iteration}
+    return all(d <= max_depth for j, d in depth.items() if j not in looped)
+
+
+def chain_depths(
+    usage: Usage, chosen: Mapping[int, Decision], every_chain: bool = False
+) -> dict[int, int]:
+    """For each residual `chosen` rebuilds, how many chains with a matmul (with
+    `every_chain`, chains of any kind) it rests on, one rebuilt from another's value."""
     depth: dict[int, int] = {}
 
     def of(j: int) -> int:
         if j not in depth:
-            rebuilt = tentative.get(j) == "recompute" or j in usage.recipes
+            rebuilt = chosen.get(j) == "recompute" or j in usage.recipes
             recipe = usage.recipe_of(j) if rebuilt else None
             counts = recipe is not None and recipe.chain and (every_chain or matmul_in(usage, j))
             depth[j] = (
@@ -536,15 +550,7 @@ def _chain_allowed(
             )
         return depth[j]
 
-    # A scan's per-iteration values rest on slices of their own iteration: however deep
-    # their chains, the backward loop redoes one layer, as per-layer `jax.checkpoint`
-    # does (the reference gpt_scan at remat's peak, H200, jax 0.11.2: its attention
-    # output, rebuilt, 0.95 of the budget at 197.7 ms predicted; limited to 3 deep, it
-    # moved instead, 0.97 at 233.7 ms, the copies into a host stack not hidden).
-    looped = {r.index for r in usage.residuals if r.per_iteration}
-    return all(
-        of(j) <= max_depth for j, d in tentative.items() if d == "recompute" and j not in looped
-    )
+    return {j: of(j) for j, d in chosen.items() if d == "recompute"}
 
 
 def matmul_in(usage: Usage, k: int) -> bool:

@@ -343,8 +343,9 @@ def test_a_budget_moves_a_matmul_chains_value_where_the_link_hides_it():
 GPT_CONFIG = {"layers": 3, "dim": 128, "heads": 4, "seq": 256, "batch": 4, "vocab": 256}
 
 
-def _three_layer_gpt(monkeypatch: pytest.MonkeyPatch) -> Usage:
-    """The record of a three-layer version of the benchmarks' gpt (`GPT_CONFIG`)."""
+def _three_layer_gpt(monkeypatch: pytest.MonkeyPatch, name: str = "gpt") -> Usage:
+    """The record of a three-layer version of the benchmarks' gpt (`GPT_CONFIG`), or
+    with `name="gpt_scan"` of the same layers run by a scan."""
     import importlib.util
     from pathlib import Path
 
@@ -356,7 +357,7 @@ def _three_layer_gpt(monkeypatch: pytest.MonkeyPatch) -> Usage:
     monkeypatch.setitem(sys.modules, spec.name, models)  # its dataclasses look it up
     spec.loader.exec_module(models)
     models.GPT_PRESETS["three_layers"] = GPT_CONFIG
-    model = models.MODELS["gpt"]("three_layers")
+    model = models.MODELS[name]("three_layers")
     options = dict(policy="none", min_bytes=0, device_budget=None, profile=None, target=None)
     return usage_and_plan(model.loss, jax.eval_shape(model.init), {}, options)[0]
 
@@ -420,3 +421,31 @@ def test_moves_are_grouped_by_their_line_of_code_costliest_chain_first(
     costliest = [max(chain_seconds(usage, k, profile) for k in g) for g in groups]
     assert costliest == sorted(costliest, reverse=True)
     assert len(groups) > 1
+
+
+def test_a_scans_layer_is_rebuilt_whole_however_deep_its_chains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a scan a layer's values rest on slices of their own iteration, so the
+    every-chain candidate rebuilds each of them that runs a matmul from the layer's
+    stacked input, as per-layer remat does, though what follows the attention output
+    rests on more than `LAYER_CHAIN_DEPTH` chains with a matmul, which an unrolled
+    layer's values may not."""
+    from hetjax._plan import (
+        LAYER_CHAIN_DEPTH,
+        budget_order,
+        chain_depths,
+        chains_and_moves,
+        matmul_in,
+    )
+
+    usage = _three_layer_gpt(monkeypatch, "gpt_scan")
+    rebuilt, moved = chains_and_moves(usage, budget_order(usage, 0), 0)
+    looped = {r.index for r in usage.residuals if r.per_iteration}
+    with_matmul = {k for k in usage.chains if matmul_in(usage, k)} & looped
+    assert with_matmul and with_matmul <= set(rebuilt)
+    assert not moved  # copies into a host stack do not hide (`_plan._worth_moving`)
+    assert max(chain_depths(usage, rebuilt).values()) > LAYER_CHAIN_DEPTH
+    unrolled = _three_layer_gpt(monkeypatch)
+    rebuilt, _ = chains_and_moves(unrolled, budget_order(unrolled, 0), 0)
+    assert max(chain_depths(unrolled, rebuilt).values()) == LAYER_CHAIN_DEPTH
