@@ -320,8 +320,9 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         # by one and joined, the 12 moves that meet the budget hid (186.7 ms predicted
         # against 201.1), but the compiled peak rose from 8473 to 8985 MiB where XLA's
         # own live ranges peak at 8138 MiB either way (128 MiB slices: 9113; 32 MiB:
-        # 8825 at 210.9 ms). Not kept. (Read then as a badly packed heap; the compiled
-        # peak also counts the gradient outputs whole: see `_memory.plan_timeline`.)
+        # 8825 at 210.9 ms). Not kept. (Read then as a badly packed heap, not checked:
+        # the compiled peak sums the peaks of the outputs and of the temp heap, which
+        # a live-range peak does not; see `_memory.plan_timeline`.)
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         if not chains:
             return []
