@@ -175,9 +175,10 @@ def hetjax_with(policy: str) -> Builder:
     return build
 
 
-def hetjax_budget(fraction: float, of: str = "plain") -> Builder:
+def hetjax_budget(fraction: float, of: str = "plain", unroll_scans: bool = False) -> Builder:
     """`policy="auto"` with a device budget of `fraction` x the peak of plain (`of="plain"`)
-    or of per-layer `jax.checkpoint` with `nothing_saveable` (`of="remat"`).
+    or of per-layer `jax.checkpoint` with `nothing_saveable` (`of="remat"`); with
+    `unroll_scans`, the loss's scans unrolled (`het_offload(unroll_scans=True)`).
 
     Where there is a compiler to check against (a target, or a GPU), the budget is in
     compiled bytes: `fraction` x the compiled peak of that loss's gradient computation,
@@ -198,9 +199,11 @@ def hetjax_budget(fraction: float, of: str = "plain") -> Builder:
         else:
             budget, unit = fraction * plain.baseline_peak_bytes, "predicted"
         loss = hetjax.het_offload(
-            model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes, target=target
-        )
+            model.loss, policy="auto", device_budget=budget, min_bytes=min_bytes, target=target,
+            unroll_scans=unroll_scans,
+        )  # fmt: skip
         budget_of = "" if of == "plain" else f", {fraction:g} x {of}'s peak"
+        budget_of += ", unroll_scans=True" if unroll_scans else ""
         return {f"het_offload(policy='auto', device_budget={budget:.0f} B {unit}{budget_of})": loss}
 
     return build
@@ -220,6 +223,9 @@ VARIANTS: dict[str, Builder] = {
     "hetjax_auto@0.2": hetjax_budget(0.2),
     # Memory-first: the budget is per-layer remat's compiled peak.
     "hetjax_auto@remat": hetjax_budget(1.0, of="remat"),
+    # The same with the scans unrolled, so that each layer is planned on its own (a
+    # scanned model only; elsewhere it is `hetjax_auto@remat`).
+    "hetjax_unrolled@remat": hetjax_budget(1.0, of="remat", unroll_scans=True),
     "jax_remat_nothing": remat_with("nothing_saveable"),
     "jax_remat_dots": remat_with("dots_saveable"),
 }

@@ -240,11 +240,13 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
     where = "the local GPU" if target is None else os.fspath(target)
     min_bytes, profile = options["min_bytes"], options["profile"]
     program = (_program_key(primal, avals), where)
+    unrolled = options.get("unroll_scans", False)
 
     def compiled(plan: Plan | None) -> tuple[int, float | None]:
         """(compiled peak bytes, predicted step ms) of the gradient computation."""
         nonlocal compiles
-        key = (program, None if plan is None else _decisions(plan))
+        # An unrolled program's plan is another program's, whatever its decisions.
+        key = (program, None if plan is None else (unrolled, _decisions(plan)))
         if key not in _compiles:
             compiles += 1
             fun = gradient_program(primal, usage, plan)

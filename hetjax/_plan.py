@@ -82,8 +82,13 @@ def warn_once(message: str) -> None:
         warnings.warn(message, HetjaxWarning, stacklevel=3)
 
 
-def check_options(policy: Any, min_bytes: Any, device_budget: Any) -> None:
-    """Raise `ValueError` naming the bad value, at decoration time."""
+def check_options(
+    policy: Any, min_bytes: Any, device_budget: Any, unroll_scans: Any = False
+) -> None:
+    """Raise `ValueError` (`TypeError` for a flag that is not a bool) naming the bad
+    value, at decoration time."""
+    if not isinstance(unroll_scans, bool):
+        raise TypeError(f"het_offload: unroll_scans must be True or False, got {unroll_scans!r}")
     if not (callable(policy) or (isinstance(policy, str) and policy in POLICIES)):
         raise ValueError(
             f"het_offload: policy must be one of {POLICIES} or a callable "

@@ -172,6 +172,7 @@ def analyze(
     min_bytes: int = 2**20,
     profile: DeviceProfile | None = None,
     target: str | os.PathLike | None = None,
+    unroll_scans: bool = False,
     **kwargs: Any,
 ) -> Report:
     """The usage record and plan `het_offload` would use for `fun(*args, **kwargs)`.
@@ -202,12 +203,12 @@ def analyze(
         >>> report.compiled.planned_step.d2h_ms > 0  # the moved tanh output, on the link
         True
     """
-    check_options(policy, min_bytes, device_budget)
+    check_options(policy, min_bytes, device_budget, unroll_scans)
     if target is not None:
         parse_target(target)
     options = dict(
         policy=policy, min_bytes=min_bytes, device_budget=device_budget, profile=profile,
-        target=target,
+        target=target, unroll_scans=unroll_scans,
     )  # fmt: skip
     usage, plan = usage_and_plan(fun, args, kwargs, options)
     if not checks_against(target):

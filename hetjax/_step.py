@@ -43,7 +43,7 @@ from ._rewrite import (
     to_device,
     to_host,
 )
-from ._trace import inline_calls
+from ._trace import inline_calls, unroll_scans
 from ._usage import (
     Recipe,
     Usage,
@@ -73,9 +73,12 @@ def holds_backward(jaxpr: Jaxpr) -> bool:
     return any(is_transpose(e) or any(holds_backward(j) for j in sub_jaxprs(e)) for e in jaxpr.eqns)
 
 
-def step_program(primal: Jaxpr, inputs: Sequence[Any]) -> StepProgram:
-    """Inline `primal`'s calls and find the values crossing forward -> backward."""
+def step_program(primal: Jaxpr, inputs: Sequence[Any], unroll: bool = False) -> StepProgram:
+    """Inline `primal`'s calls (and with `unroll`, unroll its scans: `unroll_scans`) and
+    find the values crossing forward -> backward."""
     closed = inline_calls(primal, inputs)
+    if unroll:
+        closed = unroll_scans(closed)
     jaxpr = closed.jaxpr
     eqns = jaxpr.eqns
     boundary = next((i for i, e in enumerate(eqns) if is_transpose(e)), len(eqns))

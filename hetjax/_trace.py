@@ -419,3 +419,105 @@ def calls_a_scan(jaxpr: Jaxpr) -> bool:
                    for e in j.eqns)  # fmt: skip
 
     return any(inlinable_call(e) and has_scan(e.params["jaxpr"].jaxpr) for e in jaxpr.eqns)
+
+
+@dataclasses.dataclass
+class _Slices:
+    """A scan's stacked output kept as its per-iteration slices (`parts[i]`: iteration
+    i's), for a later unrolled scan to read one at a time."""
+
+    parts: list[Any]
+
+
+def unroll_scans(closed: ClosedJaxpr) -> ClosedJaxpr:
+    """`closed` with each top-level `scan` run as one copy of its body per iteration.
+
+    Each iteration reads its slice of the scanned inputs (`lax.index_in_dim`); a stacked
+    output that only later scans read as scanned inputs (a forward scan's residuals,
+    read by its transposed scan in a train step) passes to them slice by slice and is
+    never stacked, so each layer's values are values of their own, which a plan can
+    keep, move or rebuild one by one. Other stacked outputs are written into their
+    stack as each iteration makes them (`dynamic_update_index_in_dim`, in place).
+    Scans nested in other constructs stay loops. Values are the scan's; XLA fuses the
+    unrolled bodies differently from one loop body, so jitted results agree within
+    rounding (op by op, bitwise).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> def f(w, x):
+        ...     return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, w)[0]
+        >>> closed = jax.make_jaxpr(f)(jnp.ones((3, 4, 4)), jnp.ones((2, 4)))
+        >>> [e.primitive.name for e in unroll_scans(closed).jaxpr.eqns].count("tanh")
+        3
+    """
+    jaxpr = closed.jaxpr
+    scanned_only = _read_only_as_scanned(jaxpr)
+
+    def run(*args: Any) -> list[Any]:
+        env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def whole(v: Any) -> Any:
+            x = read_atom(env, v)
+            return jnp.stack(x.parts) if isinstance(x, _Slices) else x
+
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan" and eqn.params["length"] > 0:
+                xs = [read_atom(env, v) for v in eqn.invars[sum(scan_counts(eqn)) :]]
+                num_known = len(eqn.invars) - len(xs)
+                outs = _unrolled_scan(
+                    eqn, [whole(v) for v in eqn.invars[:num_known]], xs, scanned_only
+                )
+            else:
+                outs = bind_eqn(eqn, [whole(v) for v in eqn.invars])
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [whole(v) for v in jaxpr.outvars]
+
+    avals = [
+        jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=_weak(v)) for v in jaxpr.invars
+    ]
+    return jax.make_jaxpr(run)(*avals)
+
+
+def _read_only_as_scanned(jaxpr: Jaxpr) -> set[Var]:
+    """The top-level scans' stacked outputs that every reader reads as a scanned input
+    of a scan (none is an output of `jaxpr`)."""
+    whole_reads: set[Var] = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in jaxpr.eqns:
+        scanned = eqn.invars[sum(scan_counts(eqn)) :] if eqn.primitive.name == "scan" else []
+        whole_reads.update(v for v in eqn.invars if isinstance(v, Var) and v not in scanned)
+    stacked = {
+        v for e in jaxpr.eqns if e.primitive.name == "scan" for v in e.outvars[scan_counts(e)[1] :]
+    }
+    return stacked - whole_reads
+
+
+def _unrolled_scan(eqn: Any, known: list[Any], xs: list[Any], scanned_only: set[Var]) -> list[Any]:
+    """The scan `eqn`'s outputs, its body run once per iteration; `known` are its
+    constants and initial carries, `xs` its scanned inputs (arrays or `_Slices`)."""
+    num_consts, num_carry = scan_counts(eqn)
+    consts, carry = known[:num_consts], known[num_consts:]
+    length, body = eqn.params["length"], eqn.params["jaxpr"]
+    stacked = eqn.outvars[num_carry:]
+    parts: list[list[Any]] = [[None] * length for _ in stacked]
+    stacks: list[Any] = [None] * len(stacked)
+    with inner_name_stack(eqn):
+        for i in reversed(range(length)) if eqn.params["reverse"] else range(length):
+            x_i = [
+                x.parts[i] if isinstance(x, _Slices) else jax.lax.index_in_dim(x, i, keepdims=False)
+                for x in xs
+            ]
+            outs = eval_jaxpr(body.jaxpr, body.consts, *consts, *carry, *x_i)
+            carry = outs[:num_carry]
+            for j, (v, y) in enumerate(zip(stacked, outs[num_carry:], strict=True)):
+                if v in scanned_only:
+                    parts[j][i] = y
+                    continue
+                if stacks[j] is None:
+                    stacks[j] = jnp.zeros(v.aval.shape, v.aval.dtype)
+                stacks[j] = jax.lax.dynamic_update_index_in_dim(stacks[j], y, i, 0)
+    ys = [
+        _Slices(p) if v in scanned_only else s
+        for v, p, s in zip(stacked, parts, stacks, strict=True)
+    ]
+    return [*carry, *ys]

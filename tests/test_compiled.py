@@ -163,6 +163,26 @@ def test_the_compiled_scan_moves_slices_inside_its_loops() -> None:
     assert HOST not in plain_text
 
 
+def test_an_unrolled_scan_moves_each_layer_by_copies_beside_compute() -> None:
+    """`unroll_scans=True`: each layer's tanh output is a residual of its own, moved by
+    a copy outside any loop (not written into a host stack by a kernel in the loop),
+    as in a Python loop of layers; its host bytes are the moved ones, and the plan
+    compiles below plain's scan."""
+    ws = spec((4, 512, 512))
+    offloaded = hetjax.het_offload(
+        scan_mlp, policy="all", min_bytes=0, target="h200", unroll_scans=True
+    )
+    report = offloaded.analyze(ws, X)
+    assert not [r for r in report.residuals if r.per_iteration]
+    # The first three layers' outputs: the last has no window to move in (as `mlp`'s).
+    assert report.moved_bytes == 3 * 1024 * 512 * 2
+    text = hetjax.compile_for(jax.grad(offloaded), ws, X, target="h200").as_text()
+    assert "copy-start" in text and not host_ops_in_loops(text)
+    plain, planned = report.compiled.plain, report.compiled.planned
+    assert planned.host_temp_bytes == report.moved_bytes
+    assert planned.peak_bytes < plain.peak_bytes
+
+
 COLLECTIVE = re.compile(
     r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
 )

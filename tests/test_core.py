@@ -239,6 +239,41 @@ def test_scan_directions_unrolling_and_consts_bitwise(reverse, unroll):
     assert_trees_equal(grad(hetjax.het_offload(loss, **ALL))(ws, b, x), grad(loss)(ws, b, x))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unrolled_scans_move_each_layer_and_keep_op_by_op_values(reverse):
+    """`unroll_scans=True`: each iteration's values are residuals of their own, moved
+    one by one, with no loop left; op by op the gradient is the loop's bit for bit,
+    and under `jax.jit` within the rounding of plain's own jit against op by op."""
+
+    def loss(ws, b, x):
+        def layer(carry, w):
+            h, s = carry
+            y = jnp.tanh(h @ w + b)  # `b` is closed over: a scan constant
+            return (y, s + jnp.sum(y**2)), jnp.sin(y)
+
+        (h, s), ys = lax.scan(layer, (x, 0.0), ws, reverse=reverse)
+        return jnp.mean(h**2) + s + jnp.mean(ys)
+
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    ws = jax.random.normal(k[0], (5, 16, 16)) * 0.3
+    b, x = jax.random.normal(k[1], (16,)) * 0.1, jax.random.normal(k[2], (8, 16))
+    unrolled = dict(ALL, unroll_scans=True)
+    report = hetjax.analyze(loss, ws, b, x, **unrolled)
+    assert not [r for r in report.residuals if r.per_iteration or r.primitive == "scan"]
+    tanhs = [r for r in report.residuals if r.primitive == "tanh" and r.decision == "offload"]
+    assert len(tanhs) == len(ws)  # each layer's output, moved on its own
+    f = hetjax.het_offload(loss, **unrolled)
+    jaxpr = jax.make_jaxpr(jax.grad(f, (0, 1, 2)))(ws, b, x)
+    assert "scan" not in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    assert host_puts(jaxpr) == len(report.plan.offloaded) >= len(ws)
+    with jax.disable_jit():
+        op_by_op = jax.grad(loss, (0, 1, 2))(ws, b, x)
+        assert_trees_equal(jax.grad(f, (0, 1, 2))(ws, b, x), op_by_op)
+    got, expected = (jax.jit(jax.grad(g, (0, 1, 2)))(ws, b, x) for g in (f, loss))
+    for g, e, o in zip(got, expected, op_by_op, strict=True):
+        assert jnp.abs(g - e).max() <= max(jnp.abs(o - e).max(), 1e-6 * jnp.abs(e).max())
+
+
 def test_scan_residual_read_after_the_scan_moves_whole():
     """A stacked output that the forward reads again must exist on device as a whole:
     it moves as one array after the scan, and the report says so."""
@@ -892,6 +927,12 @@ def test_bad_min_bytes_names_the_value(bad):
 def test_bad_device_budget_names_the_value(bad):
     with pytest.raises(ValueError, match=f"device_budget.*{bad}"):
         hetjax.het_offload(lambda x: x, device_budget=bad)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_unroll_scans_names_the_value(bad):
+    with pytest.raises(TypeError, match=f"unroll_scans.*{bad!r}"):
+        hetjax.het_offload(lambda x: x, unroll_scans=bad)
 
 
 def test_not_callable():
