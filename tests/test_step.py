@@ -227,7 +227,10 @@ def test_unrolled_scan_step_moves_each_layer_within_rounding():
     unrolled = dict(ALL, unroll_scans=True)
     report = hetjax.analyze(step, *args, **unrolled)
     assert not [r for r in report.residuals if r.per_iteration or r.primitive == "scan"]
-    assert len(report.plan.offloaded) >= len(params["ws"])  # a residual per layer at least
+    layers = len(params["ws"])
+    assert not [r for r in report.residuals if r.shape == (layers, *x.shape)]  # no stack
+    # Each layer's own: all but the last layer's (jax 0.10.2: it has no window to move in).
+    assert len(report.plan.offloaded) >= layers - 1
     got = run_steps(jax.jit(hetjax.het_offload(step, **unrolled)), *args)
     expected = run_steps(jax.jit(step), *args)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
