@@ -458,30 +458,26 @@ def unroll_scans(closed: ClosedJaxpr) -> ClosedJaxpr:
     jaxpr = closed.jaxpr
     scanned_only = _read_only_as_scanned(jaxpr)
 
+    def bind(eqn: Any, invals: list[Any]) -> list[Any]:
+        if eqn.primitive.name == "scan" and eqn.params["length"] > 0:
+            num_known = sum(scan_counts(eqn))
+            known = [_whole(x) for x in invals[:num_known]]
+            return _unrolled_scan(eqn, known, invals[num_known:], scanned_only)
+        return bind_eqn(eqn, [_whole(x) for x in invals])
+
     def run(*args: Any) -> list[Any]:
-        env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-        env.update(zip(jaxpr.invars, args, strict=True))
-
-        def whole(v: Any) -> Any:
-            x = read_atom(env, v)
-            return jnp.stack(x.parts) if isinstance(x, _Slices) else x
-
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan" and eqn.params["length"] > 0:
-                xs = [read_atom(env, v) for v in eqn.invars[sum(scan_counts(eqn)) :]]
-                num_known = len(eqn.invars) - len(xs)
-                outs = _unrolled_scan(
-                    eqn, [whole(v) for v in eqn.invars[:num_known]], xs, scanned_only
-                )
-            else:
-                outs = bind_eqn(eqn, [whole(v) for v in eqn.invars])
-            env.update(zip(eqn.outvars, outs, strict=True))
-        return [whole(v) for v in jaxpr.outvars]
+        env = _eval_env(jaxpr, closed.consts, args, bind=bind)
+        return [_whole(read_atom(env, v)) for v in jaxpr.outvars]
 
     avals = [
         jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=_weak(v)) for v in jaxpr.invars
     ]
     return jax.make_jaxpr(run)(*avals)
+
+
+def _whole(x: Any) -> Any:
+    """A value as one array: `_Slices` stacked."""
+    return jnp.stack(x.parts) if isinstance(x, _Slices) else x
 
 
 def _read_only_as_scanned(jaxpr: Jaxpr) -> set[Var]:
