@@ -24,7 +24,9 @@ target or the local GPU, and keeps only plans the compiler confirms:
   orders of choices (`_plan.budget_order`, with and without the moves the cost model
   finds cheaper than rebuilding, on its clock calibrated to the compiled plain
   program) are searched by bisection for the shortest prefix that compiles to at most
-  B (see `_bisect`); with every chain of the order rebuilt as another candidate, and
+  B (see `_bisect`); with every chain of the order rebuilt as another candidate (where
+  it misses B, the values the chains start from moved, a group at a time,
+  `_plan.anchor_groups`), and
   the moves the cost model prefers to those chains taken one group at a time
   (`_plan.move_groups`, each kept where B is still met and the predicted step time
   falls) and all at once, the fastest plan (predicted from its compiled schedule) that
@@ -55,6 +57,7 @@ from ._compile import CompiledMemory, compile_for
 from ._cost import DeviceProfile, calibrated
 from ._plan import (
     Plan,
+    anchor_groups,
     budget_order,
     chains_and_moves,
     hiding_order,
@@ -72,6 +75,7 @@ from ._usage import Usage
 CHECKED_POLICIES = ("auto", "all")
 AUTO_SLOWDOWN = 0.05  # predicted step time "auto" (no budget) may add to plain's
 NEAR_PEAK = 0.01  # an unmet budget, and "all", take the fastest plan this near the lowest peak
+ANCHOR_GROUPS = 3  # groups of the chains' starting values a budget's search may move
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,19 +304,21 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         return [(plan, peak(plan))]
 
     def by_chains(order: list, profile: DeviceProfile | None) -> list[tuple[Plan, int]]:
-        """Every residual of the greedy `order` that a chain may rebuild, rebuilt, and
-        nothing moved; then the moves `_plan.chains_and_moves` picks instead of their
-        chains, one group (`_plan.move_groups`) at a time, each kept where the plan
-        still meets the budget (or its peak so far) and its predicted step time falls;
-        then all of them; with their peaks. Where the order's shortest prefix that
-        meets the budget moves a layer's checkpoints too, rebuilding each layer from
-        kept checkpoints may meet it faster. (The reference gpt's train step at remat's
-        peak, H200, jax 0.11.2: every chain rebuilt met it at 191 ms predicted, 0.93 of
-        remat's extra flops, where the order's prefix took 222 ms and 1.05, moving 1.5
-        GiB. With all 13 moves (1.8 GiB), its loss gradient: 0.71 of remat's extra
-        flops, but 1.09 of remat's peak and 200.7 ms against 185.9 without them. Its
-        five MLP hiddens alone: 0.985 of the peak, 0.74 of the extra flops, 184.3 ms;
-        beside the attention outputs' 64 MiB copies, XLA started each hidden's late.)"""
+        """Every residual of the greedy `order` that a chain may rebuild, rebuilt, and nothing
+        moved; where that misses the budget, the values those chains start from moved, one
+        group (`_plan.anchor_groups`) at a time, each kept where it lowers the peak, until
+        it is met; then the moves `_plan.chains_and_moves` picks instead of their chains,
+        one group (`_plan.move_groups`) at a time, each kept where the plan still meets the
+        budget (or its peak so far) and its predicted step time falls; then all of them;
+        with their peaks. Where the order's shortest prefix that meets the budget moves a
+        layer's checkpoints too, rebuilding each layer from kept checkpoints may meet it
+        faster. (The reference gpt's train step at remat's peak, H200, jax 0.11.2: every
+        chain rebuilt met it at 191 ms predicted, 0.93 of remat's extra flops, where the
+        order's prefix took 222 ms and 1.05, moving 1.5 GiB. With all 13 moves (1.8 GiB),
+        its loss gradient: 0.71 of remat's extra flops, but 1.09 of remat's peak and 200.7
+        ms against 185.9 without them. Its five MLP hiddens alone: 0.985 of the peak, 0.74
+        of the extra flops, 184.3 ms; beside the attention outputs' 64 MiB copies, XLA
+        started each hidden's late.)"""
         # TODO: hide the copies XLA still starts late. The pins place only a copy's
         # done; XLA's scheduler places its start. With all 13 moves of the reference
         # gpt's loss gradient at remat's peak (H200, jax 0.11.2) it started each 256 MiB
@@ -337,6 +343,20 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
 
         plan, best_peak, best_ms = planned(chains)
         found, best = [(plan, best_peak)], chains
+        # Over the budget, the values the chains start from move, a line of code at a
+        # time, until it is met: no flops added. (The reference gpt_scan unrolled, its
+        # loss gradient at remat's peak, 10.12 GB, H200, jax 0.11.2: every chain
+        # rebuilt, 10.36 GB at 189.1 ms predicted; with each layer's stream after its
+        # attention moved, 0.75 GiB, 9.62 GB at 189.3 ms.)
+        for group in anchor_groups(usage, plan.residuals, min_bytes)[:ANCHOR_GROUPS]:
+            if best_peak <= budget:
+                break
+            trial = {**best, **group}
+            plan, peak_bytes, ms = planned(trial)
+            found.append((plan, peak_bytes))
+            if peak_bytes < best_peak:
+                best, best_peak, best_ms = trial, peak_bytes, ms
+        base = best
         for group in move_groups(usage, moved, profile):
             trial = {**best, **group}
             plan, peak_bytes, ms = planned(trial)
@@ -344,7 +364,7 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
             if peak_bytes <= max(budget, best_peak) and ms < best_ms:
                 best, best_peak, best_ms = trial, peak_bytes, ms
         if moved:
-            found.append(planned({**chains, **moved})[:2])
+            found.append(planned({**base, **moved})[:2])
         return found
 
     def without_largest(plan: Plan, plain: int) -> list[tuple[Plan, int]]:

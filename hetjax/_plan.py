@@ -386,6 +386,34 @@ def move_groups(
     return [groups[s] for s in sorted(groups, key=lambda s: (-cost[s], min(groups[s])))]
 
 
+def anchor_groups(
+    usage: Usage, records: tuple[ResidualUsage, ...], min_bytes: int
+) -> list[dict[int, Decision]]:
+    """The residuals a plan (`records`) keeps on device and rebuilds chains from (a
+    layer's stream between its sublayers), moved, grouped by the line of code that
+    makes them, most bytes first. Moving them adds no flops: where every chain rebuilt
+    (`chains_and_moves`) misses a budget, the compile check moves them a group at a
+    time until it is met (`_check`). A scan's per-iteration chains start from slices of
+    stacks, which are not among them."""
+    by_index = {r.index: r for r in records}
+    anchors = {
+        a
+        for r in records
+        if r.decision == "recompute" and not r.per_iteration and r.index in usage.chains
+        for a in usage.recipe_of(r.index).residual_anchors
+    }
+    groups: dict[str, dict[int, Decision]] = {}
+    for k in sorted(anchors):
+        r = by_index[k]
+        if (
+            r.decision == "keep" and r.memory == "device" and r.offloadable
+            and not r.is_input and not r.per_iteration and r.nbytes >= max(min_bytes, 1)
+        ):  # fmt: skip
+            groups.setdefault(r.source, {})[k] = "offload"
+    size = {s: sum(by_index[k].nbytes for k in g) for s, g in groups.items()}
+    return [groups[s] for s in sorted(groups, key=lambda s: (-size[s], min(groups[s])))]
+
+
 def _choices(
     usage: Usage,
     policy: Policy,
