@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -449,3 +450,97 @@ def test_a_scans_layer_is_rebuilt_whole_however_deep_its_chains(
     unrolled = _three_layer_gpt(monkeypatch)
     rebuilt, _ = chains_and_moves(unrolled, budget_order(unrolled, 0), 0)
     assert max(chain_depths(unrolled, rebuilt).values()) == LAYER_CHAIN_DEPTH
+
+
+def test_anchor_groups_move_what_the_chains_start_from_a_line_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`anchor_groups` names the values the every-chain candidate keeps and rebuilds from
+    (a layer's stream between its sublayers), one group per line of code, most bytes
+    first; moving a group keeps every chain (no flops added) and lowers the modelled
+    peak. Under a scan, whose chains start from slices of stacks, there are none."""
+    from hetjax._plan import (
+        _choices,
+        anchor_groups,
+        budget_order,
+        chains_and_moves,
+        make_plan,
+    )
+
+    usage = _three_layer_gpt(monkeypatch)
+    chains, _ = chains_and_moves(usage, budget_order(usage, 0), 0)
+    plan = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=False)
+    groups = anchor_groups(usage, plan.residuals, 0)
+    assert groups
+    record = {r.index: r for r in plan.residuals}
+    starts = {a for k in chains for a in usage.recipe_of(k).residual_anchors}
+    for group in groups:
+        assert set(group.values()) == {"offload"} and set(group) <= starts
+        assert len({record[k].source for k in group}) == 1
+        assert all(record[k].decision == "keep" and record[k].offloadable for k in group)
+    sizes = [sum(record[k].nbytes for k in g) for g in groups]
+    assert sizes == sorted(sizes, reverse=True)
+    assert len(groups[0]) > 1  # one value of several layers
+    evaluate = _choices(usage, "auto", 0, None)[3]
+    records, memory, _ = evaluate({**chains, **groups[0]})
+    kept = evaluate(chains)[1]
+    assert (memory <= kept).all() and (memory < kept).any()
+    assert {r.index for r in records if r.decision == "recompute"} >= set(chains)
+    assert {r.index for r in records if r.decision == "offload"} == set(groups[0])
+    # Bytes under min_bytes stay.
+    assert anchor_groups(usage, plan.residuals, 2 * max(sizes)) == []
+
+    looped = _three_layer_gpt(monkeypatch, "gpt_scan")
+    chains, _ = chains_and_moves(looped, budget_order(looped, 0), 0)
+    plan = make_plan(looped, "auto", min_bytes=0, choices=chains, speed_first=False)
+    starts = [k for g in anchor_groups(looped, plan.residuals, 0) for k in g]
+    assert not any(looped.residuals[k].per_iteration for k in starts)
+
+
+@pytest.mark.parametrize("misses", [True, False])
+def test_a_budget_every_chain_misses_moves_what_the_chains_start_from(
+    monkeypatch: pytest.MonkeyPatch, misses: bool
+) -> None:
+    """The compile check's search (`_check.checked_plan`), with a stand-in compiler that
+    answers with the memory model's peak and a step time of the plan's recomputation:
+    where every chain rebuilt misses the budget, it compiles that plan with the values
+    its chains start from moved (`anchor_groups`) and meets the budget; where every
+    chain meets it, it compiles no such plan."""
+    from hetjax import _check
+    from hetjax._compile import CompiledMemory
+    from hetjax._plan import _choices, anchor_groups, budget_order, chains_and_moves, make_plan
+    from hetjax._simulate import StepEstimate
+
+    usage = _three_layer_gpt(monkeypatch)
+    plain_peak = make_plan(usage, "none", min_bytes=0).baseline_peak_bytes
+    compiled: list = []
+
+    def stand_in(plan: Any, target: Any, avals: Any, kwargs: Any) -> tuple:
+        peak = plain_peak if plan is None else plan.predicted_peak_bytes
+        ms = 10.0 if plan is None else 10.0 + 1e3 * plan.recompute_s
+        compiled.append(plan)
+        memory = CompiledMemory("h200", "stand-in", jax.__version__, peak, 0, 0, 0, 0)
+        return memory, StepEstimate("h200", ms, ms, 0, 0, 0, 0, 1)
+
+    monkeypatch.setattr(_check, "gradient_program", lambda primal, usage, plan: plan)
+    monkeypatch.setattr(_check, "_compiled", stand_in)
+    evaluate = _choices(usage, "auto", 0, None)[3]
+    chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
+    every_chain = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=False)
+    groups = anchor_groups(usage, every_chain.residuals, 0)[: _check.ANCHOR_GROUPS]
+    lowest = min(evaluate({**chains, **dict(p for g in groups[:n] for p in g.items())})[1].max()
+                 for n in range(1, len(groups) + 1))  # fmt: skip
+    assert lowest < every_chain.predicted_peak_bytes
+    budget = lowest if misses else every_chain.predicted_peak_bytes
+    options = dict(policy="auto", device_budget=budget, min_bytes=0, profile=None, target="h200")
+    plan = _check.checked_plan(f"stand-in {misses}", [], usage, options)
+
+    starts = {k for g in groups for k in g}
+
+    def moves_starts(p: Any) -> bool:
+        decision = {r.index: r.decision for r in p.residuals}
+        moved = {k for k, d in decision.items() if d == "offload"}
+        return all(decision[k] == "recompute" for k in chains) and moved and moved <= starts
+
+    assert plan.compiled_peak_bytes <= budget
+    assert any(p is not None and moves_starts(p) for p in compiled) == misses
