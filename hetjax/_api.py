@@ -208,9 +208,10 @@ def plan_for(primal: Jaxpr, inputs: list[Any], options: dict) -> tuple[Usage, Pl
     """Trace, record and plan: the pure front half of the pipeline, in the step form
     when `primal` takes a gradient itself, else in the loss form."""
     # TODO: let a checked budget try the unrolled program itself, keeping the faster
-    # plan. Unrolled, the reference gpt_scan at remat's peak rebuilds less (0.79 of
-    # remat's extra flops against 1.00) but is predicted slower (217.9 ms against 202.5,
-    # H200, jax 0.11.2): its copies do not all hide yet; and planning it takes longer.
+    # plan. Unrolled, the reference gpt_scan at remat's peak is predicted faster (192.8
+    # ms against the loop's 202.5 and remat's 198.4, H200, jax 0.11.2), rebuilding less
+    # (0.92 of remat's extra flops against 1.00); but planning it takes several times
+    # longer, and jitted gradients agree only within rounding.
     unroll = options.get("unroll_scans", False)
     if holds_backward(primal):
         usage = step_usage(step_program(primal, inputs, unroll))
