@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -378,12 +378,9 @@ def move_groups(
     attention outputs), so moves that save few flops can cost more link time than they
     save (`_check`)."""
     profile = profile or DeviceProfile.for_platform("gpu")
-    records = {r.index: r for r in usage.residuals}
-    groups: dict[str, dict[int, Decision]] = {}
-    for k in sorted(moves):
-        groups.setdefault(records[k].source, {})[k] = moves[k]
-    cost = {s: max(chain_seconds(usage, k, profile) for k in g) for s, g in groups.items()}
-    return [groups[s] for s in sorted(groups, key=lambda s: (-cost[s], min(groups[s])))]
+    return _by_line(
+        usage.residuals, moves, lambda g: -max(chain_seconds(usage, k, profile) for k in g)
+    )
 
 
 def anchor_groups(
@@ -402,16 +399,27 @@ def anchor_groups(
         if r.decision == "recompute" and not r.per_iteration and r.index in usage.chains
         for a in usage.recipe_of(r.index).residual_anchors
     }
+    moves: dict[int, Decision] = {
+        k: "offload"
+        for k in anchors
+        if (r := by_index[k]).decision == "keep" and r.memory == "device" and r.offloadable
+        and not r.is_input and not r.per_iteration and r.nbytes >= max(min_bytes, 1)
+    }  # fmt: skip
+    return _by_line(records, moves, lambda g: -sum(by_index[k].nbytes for k in g))
+
+
+def _by_line(
+    records: Iterable[ResidualUsage],
+    choices: Mapping[int, Decision],
+    order: Callable[[dict[int, Decision]], float],
+) -> list[dict[int, Decision]]:
+    """`choices` grouped by the line of code that makes each residual (in a stack of
+    layers, the same value of every layer), the groups by `order`, least first."""
+    source = {r.index: r.source for r in records}
     groups: dict[str, dict[int, Decision]] = {}
-    for k in sorted(anchors):
-        r = by_index[k]
-        if (
-            r.decision == "keep" and r.memory == "device" and r.offloadable
-            and not r.is_input and not r.per_iteration and r.nbytes >= max(min_bytes, 1)
-        ):  # fmt: skip
-            groups.setdefault(r.source, {})[k] = "offload"
-    size = {s: sum(by_index[k].nbytes for k in g) for s, g in groups.items()}
-    return [groups[s] for s in sorted(groups, key=lambda s: (-size[s], min(groups[s])))]
+    for k in sorted(choices):
+        groups.setdefault(source[k], {})[k] = choices[k]
+    return sorted(groups.values(), key=lambda g: (order(g), min(g)))
 
 
 def _choices(
