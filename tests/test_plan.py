@@ -524,6 +524,7 @@ def test_a_budget_every_chain_misses_moves_what_the_chains_start_from(
 
     monkeypatch.setattr(_check, "gradient_program", lambda primal, usage, plan: plan)
     monkeypatch.setattr(_check, "_compiled", stand_in)
+    monkeypatch.setattr(_check, "_compiles", {})  # no plan compiled before
     evaluate = _choices(usage, "auto", 0, None)[3]
     chains = chains_and_moves(usage, budget_order(usage, 0), 0)[0]
     every_chain = make_plan(usage, "auto", min_bytes=0, choices=chains, speed_first=False)
