@@ -335,11 +335,14 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         # stream after its attention moved, every other layer's 256 MiB MLP hidden moved
         # too (0.70 of remat's extra flops; H200, jax 0.11.2, schedule walked per copy):
         # 219.9 ms predicted, 33.7 exposed, against 189.3 without the hiddens. Forward,
-        # the pins bind: each hidden's done sits at the next moved value's production,
-        # 3 ms after its start for 5.5 ms on the link; with two in flight and a slack of
-        # 2.5 (hand-patched, not kept: every plan's pins would move) each waits 0.5 ms at
-        # most. Backward, XLA starts each hidden's fetch 2.4-2.8 ms before its done
-        # whatever `prefetch_at` allows (182 positions earlier): 2.3-2.7 ms waits each.
+        # the pins bind: each hidden's done is pinned 6.1 ms after it is made by the
+        # model's clock, which runs 1.4x slow there (two layers: 14.6 ms against 10.5
+        # compiled), so 3 ms after its start for 5.5 ms on the link; with two in flight
+        # and a slack of 2.5 (hand-patched, not kept: every plan's pins would move) each
+        # waits 0.5 ms at most. Backward (the clock within 10% of the compiled: 20.9 ms
+        # per two layers against 22.9), XLA starts each hidden's fetch 2.4-2.8 ms before
+        # its done, where `prefetch_at` allowed 6.7 ms: 2.3-2.7 ms waits each, with any
+        # slack. Slicing fetches (above) is what is left to try for those.
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         if not chains:
             return []
