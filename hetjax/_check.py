@@ -341,8 +341,8 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         # and a slack of 2.5 (hand-patched, not kept: every plan's pins would move) each
         # waits 0.5 ms at most. Backward (the clock within 10% of the compiled: 20.9 ms
         # per two layers against 22.9), XLA starts each hidden's fetch 2.4-2.8 ms before
-        # its done, where `prefetch_at` allowed 6.7 ms: 2.3-2.7 ms waits each, with any
-        # slack. Slicing fetches (above) is what is left to try for those.
+        # its done, where `prefetch_at` allowed 6.7 ms: 2.3-2.7 ms waits each, at a
+        # slack of 1.3 or 2.5. Slicing fetches (above) is what is left to try for those.
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         if not chains:
             return []
