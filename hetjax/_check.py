@@ -342,11 +342,12 @@ def checked_plan(primal: Any, inputs: Inputs, usage: Usage, options: dict) -> Pl
         # waits 0.5 ms at most. Backward (the clock within 10% of the compiled: 20.9 ms
         # per two layers against 22.9), XLA starts each hidden's fetch 2.4-2.8 ms before
         # its done, where `prefetch_at` allowed 6.7 ms: 2.3-2.7 ms waits each, at a
-        # slack of 1.3 or 2.5. XLA seems to give a host copy a fixed latency, whatever
-        # its bytes: a fetch tied early, then 300 small kernels and a matmul, started 86
-        # kernels before its done at 128 MiB, 53 at 256 MiB, 1 at 512 MiB (2.7, 4.0, 6.6
-        # ms predicted). Fetching slices of the host copy compiles to kernels that read
-        # host memory (no async copy): the pieces must go to host as arrays of their own.
+        # slack of 1.3 or 2.5. XLA gives a host copy a fixed latency, whatever its
+        # bytes: a fetch tied early, then 300 small kernels and a fixed matmul, started
+        # 86 kernels (2.8 ms predicted) before its done at every size from 32 to 512 MiB
+        # (exposed from 256 MiB on). Fetching slices of the host copy compiles to kernels
+        # that read host memory (no async copy): pieces small enough for that window must
+        # go to host as arrays of their own.
         chains, moved = chains_and_moves(usage, order, min_bytes, profile)
         if not chains:
             return []
