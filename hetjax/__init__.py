@@ -12,6 +12,7 @@ from ._plan import HetjaxWarning as HetjaxWarning
 from ._plan import Plan as Plan
 from ._report import Report as Report
 from ._report import analyze as analyze
+from ._simulate import CopyTiming as CopyTiming
 from ._simulate import StepEstimate as StepEstimate
 from ._simulate import simulate_step as simulate_step
 from ._target import target_devices as target_devices

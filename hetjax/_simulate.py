@@ -119,6 +119,24 @@ def _rates_of_description(text: str, name: str) -> GpuRates:
 
 
 @dataclasses.dataclass(frozen=True)
+class CopyTiming:
+    """One copy between device and host memory as the walk of a schedule sees it
+    (predicted): the stream issues it at `start_ms`, the link finishes it at
+    `finish_ms`, and the stream reaches its `copy-done` at `done_ms`. What it adds to
+    the step is `wait_ms`, the time the stream then waits for it."""
+
+    direction: str  # "d2h" or "h2d"
+    nbytes: float
+    start_ms: float
+    done_ms: float
+    finish_ms: float
+
+    @property
+    def wait_ms(self) -> float:
+        return max(0.0, self.finish_ms - self.done_ms)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepEstimate:
     """A predicted step time, from a compiled GPU program's schedule. Predicted, not run.
 
@@ -128,6 +146,8 @@ class StepEstimate:
     `matmul_flops` (dot and convolution flops, loops counted by their trips) and
     `d2h_bytes` / `h2d_bytes` (bytes each link direction carries) are counted from the
     program, not predicted: recomputation shows in the first, offloading in the others.
+    `copies` times each host copy the stream ran (`CopyTiming`), in the order of their
+    `copy-done`s, a loop's once per trip: which of them the stream waits for.
     """
 
     target: str
@@ -142,6 +162,7 @@ class StepEstimate:
     matmul_flops: float = 0.0
     d2h_bytes: float = 0.0
     h2d_bytes: float = 0.0
+    copies: tuple[CopyTiming, ...] = ()
 
     def summary(self) -> str:
         """One line, e.g. `predicted 42.1 ms (compute 40.0, exposed link 2.1; ...)`."""
@@ -168,8 +189,8 @@ def simulate_step(
         >>> x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
         >>> program = hetjax.compile_for(jax.jit(lambda a: a @ a), x, target="h200")
         >>> estimate = hetjax.simulate_step(program, target="h200")
-        >>> 0.1 < estimate.step_ms < 1.0, estimate.exposed_link_ms
-        (True, 0.0)
+        >>> 0.1 < estimate.step_ms < 1.0, estimate.exposed_link_ms, estimate.copies
+        (True, 0.0, ())
     """
     text = compiled if isinstance(compiled, str) else compiled.as_text()
     rates = GpuRates.of_target(target) if target is not None else _local_rates(compiled)
@@ -438,6 +459,8 @@ class _Walk:
         self.flops = 0.0
         self.free = {"d2h": 0.0, "h2d": 0.0, "net": 0.0}  # when each is next free
         self.pending: dict[str, tuple[str, float]] = {}  # async start -> (stream, done at)
+        self.issued: dict[str, tuple[str, float, float]] = {}  # host copy -> (way, bytes, at)
+        self.copies: list[CopyTiming] = []
         self.kernels = 0
         self.not_modelled: set[str] = set()
 
@@ -459,6 +482,7 @@ class _Walk:
             matmul_flops=self.flops,
             d2h_bytes=self.moved["d2h"],
             h2d_bytes=self.moved["h2d"],
+            copies=tuple(self.copies),
         )
 
     def walk(self, computation: str) -> None:
@@ -482,8 +506,12 @@ class _Walk:
                 return
             direction = "d2h" if to_host else "h2d"
             self.pending[inst.name] = (direction, self.transfer(direction, nbytes))
+            self.issued[inst.name] = (direction, nbytes, self.now)
         elif op == "copy-done" or (op.endswith("-done") and inst.operands):
             _, done = self.pending.pop(inst.operands[0], ("none", self.now))
+            if op == "copy-done" and inst.operands[0] in self.issued:
+                way, nbytes, start = self.issued.pop(inst.operands[0])
+                self.copies.append(CopyTiming(way, nbytes, start * 1e3, self.now * 1e3, done * 1e3))
             if done > self.now:
                 wait = done - self.now
                 if op == "copy-done":

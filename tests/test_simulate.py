@@ -73,6 +73,23 @@ def test_a_copy_under_a_longer_kernel_is_hidden() -> None:
     assert e.d2h_ms == pytest.approx(MB32 / PROFILE.d2h_bytes_per_s * 1e3)
 
 
+def test_each_copy_is_timed_and_its_wait_is_what_it_exposes() -> None:
+    to_host, back = MB32 / PROFILE.d2h_bytes_per_s * 1e3, MB32 / PROFILE.h2d_bytes_per_s * 1e3
+    e = hetjax.simulate_step(module(ROUND_TRIP), target="h200")
+    there, home = e.copies
+    assert (there.direction, home.direction) == ("d2h", "h2d")
+    assert there.nbytes == home.nbytes == MB32
+    # Each is issued and waited for at once: the stream waits its whole link time.
+    assert there.start_ms == there.done_ms == 0 and there.finish_ms == pytest.approx(to_host)
+    assert home.start_ms == home.done_ms == pytest.approx(to_host)
+    assert home.wait_ms == pytest.approx(back)
+    assert there.wait_ms + home.wait_ms == pytest.approx(e.exposed_link_ms)
+    (hidden,) = hetjax.simulate_step(module(HIDDEN), target="h200").copies
+    assert hidden.start_ms == 0 and hidden.finish_ms == pytest.approx(to_host)
+    assert hidden.done_ms == pytest.approx(dot_seconds(16384, 16384, 16384) * 1e3)
+    assert hidden.wait_ms == 0
+
+
 def test_a_slower_link_is_exposed_by_the_difference() -> None:
     slow = PROFILE.__class__(**{**PROFILE.__dict__, "d2h_bytes_per_s": 1e9})
     e = hetjax.simulate_step(module(HIDDEN), target="h200", profile=slow)
@@ -169,6 +186,38 @@ def test_the_measured_h200_programs_are_predicted_within_15_percent(
         assert abs(row["predicted_ms"] / row["measured_ms"] - 1) <= 0.15, (name, row)
     by = lambda key: sorted(rows, key=lambda name: rows[name][key])  # noqa: E731
     assert by("predicted_ms") == by("measured_ms")
+
+
+def test_xla_starts_a_fetch_a_fixed_latency_before_it_is_due(gpu_compile: None) -> None:
+    """What the planner's pins cannot change: XLA's scheduler starts a copy back from
+    host a fixed latency (in its own kernel estimates) before the copy is due, however
+    early the program allows it and whatever its bytes. A fetch allowed to start before
+    300 small kernels starts at the same kernel at 64 and at 256 MiB; 64 MiB crosses the
+    link in time, 256 MiB does not (its wait is exposed)."""
+
+    def program(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+        on_host = jax.device_put(jnp.tanh(x), jax.memory.Space.Host)
+        h = jnp.tanh(w @ w)
+        on_host, h, s = lax.optimization_barrier((on_host, h, s))  # moved by here
+        fetched = jax.device_put(on_host, jax.memory.Space.Device)  # may start here
+        for _ in range(300):
+            s = lax.optimization_barrier(jnp.sin(s))
+        h = jnp.tanh(h @ w) + s[0, 0].astype(h.dtype)
+        return jnp.sum(h.astype(jnp.float32)) + jnp.sum(fetched.astype(jnp.float32))
+
+    fetches = []
+    for rows in (2048, 8192):  # 64 and 256 MiB
+        args = ((rows, 16384, BF16), (8192, 8192, BF16), (2048, 2048, jnp.float32))
+        args = [jax.ShapeDtypeStruct(a[:2], a[2]) for a in args]
+        compiled = hetjax.compile_for(jax.jit(program), *args, target="h200")
+        copies = hetjax.simulate_step(compiled, "h200").copies
+        (fetch,) = [c for c in copies if c.direction == "h2d"]
+        assert fetch.nbytes == rows * 16384 * 2
+        fetches.append(fetch)
+    small, large = fetches
+    # jax 0.10.2, 0.11.2 and 0.12.0.1 alike: 2.8 ms before the done, at either size.
+    assert small.done_ms - small.start_ms == pytest.approx(large.done_ms - large.start_ms, rel=0.05)
+    assert small.wait_ms == 0 and large.wait_ms > 1.0
 
 
 def mlp(ws: list, x: jax.Array) -> jax.Array:
