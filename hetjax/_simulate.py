@@ -123,7 +123,8 @@ class CopyTiming:
     """One copy between device and host memory as the walk of a schedule sees it
     (predicted): the stream issues it at `start_ms`, the link finishes it at
     `finish_ms`, and the stream reaches its `copy-done` at `done_ms`. What it adds to
-    the step is `wait_ms`, the time the stream then waits for it."""
+    the step is `wait_ms`, the time the stream then waits for it: the copy a step
+    waits on longest is `max(estimate.copies, key=lambda c: c.wait_ms)`."""
 
     direction: str  # "d2h" or "h2d"
     nbytes: float
