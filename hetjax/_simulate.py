@@ -460,7 +460,7 @@ class _Walk:
         self.flops = 0.0
         self.free = {"d2h": 0.0, "h2d": 0.0, "net": 0.0}  # when each is next free
         self.pending: dict[str, tuple[str, float]] = {}  # async start -> (stream, done at)
-        self.issued: dict[str, tuple[str, float, float]] = {}  # host copy -> (way, bytes, at)
+        self.issued: dict[str, tuple[float, float]] = {}  # host copy -> (bytes, issued at)
         self.copies: list[CopyTiming] = []
         self.kernels = 0
         self.not_modelled: set[str] = set()
@@ -507,11 +507,11 @@ class _Walk:
                 return
             direction = "d2h" if to_host else "h2d"
             self.pending[inst.name] = (direction, self.transfer(direction, nbytes))
-            self.issued[inst.name] = (direction, nbytes, self.now)
+            self.issued[inst.name] = (nbytes, self.now)
         elif op == "copy-done" or (op.endswith("-done") and inst.operands):
-            _, done = self.pending.pop(inst.operands[0], ("none", self.now))
+            way, done = self.pending.pop(inst.operands[0], ("none", self.now))
             if op == "copy-done" and inst.operands[0] in self.issued:
-                way, nbytes, start = self.issued.pop(inst.operands[0])
+                nbytes, start = self.issued.pop(inst.operands[0])
                 self.copies.append(CopyTiming(way, nbytes, start * 1e3, self.now * 1e3, done * 1e3))
             if done > self.now:
                 wait = done - self.now
