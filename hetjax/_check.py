@@ -628,4 +628,4 @@ def _program_key(primal: Any, avals: list[jax.ShapeDtypeStruct]) -> tuple:
 
 
 def _decisions(plan: Plan) -> tuple:
-    return tuple((r.decision, r.offload_by, r.prefetch_at) for r in plan.residuals)
+    return tuple((r.decision, r.offload_by, r.prefetch_at, r.pieces) for r in plan.residuals)

@@ -52,6 +52,18 @@ PIN_SLACK = 1.3
 # (the memory-first window) stalled the reference mlp's forward 1.1 ms per copy where
 # two hide; but two cost `policy="all"` 320 MiB more there (H200 compiles).
 IN_FLIGHT_FOR_SPEED = 2
+# A value moved in pieces (`make_plan(pieces=...)`): XLA's scheduler starts each host
+# copy a fixed latency before its done, whatever its bytes (about 2.8 ms among small
+# kernels, compiled for the H200: `tests/test_simulate.py`), so a fetch longer than that
+# waits wherever it is pinned; a piece that fits the window does not. Each piece's copy
+# back is pinned done this many times its link time before the next's (the last at the
+# first use); the copies to host get two in flight and more slack, since the cost
+# model's clock runs slow in a transformer's forward. Reference gpt_scan unrolled at
+# remat's loss-gradient peak, every other layer's 256 MiB MLP hidden moved in two pieces
+# (H200, jax 0.11.2): 191.8 ms predicted, 2.6 exposed, against 219.9 and 33.7 whole.
+PIECE_STAGGER = 1.2
+PIECE_PIN_SLACK = 2.0
+PIECE_IN_FLIGHT = 2
 # How many chains with a matmul a rebuilt value may rest on, one rebuilt from another's
 # value; chains without one (a norm from its layer's checkpoint) do not count. Deeper,
 # the backward redoes the forward from further back, layer after layer, all at once.
@@ -186,15 +198,20 @@ def make_plan(
     profile: DeviceProfile | None = None,
     speed_first: bool | None = None,
     choices: Mapping[int, Decision] | None = None,
+    pieces: Mapping[int, int] | None = None,
 ) -> Plan:
     """Decide, for each residual of `usage`, whether to keep, offload or recompute it.
     `speed_first` (default: `"auto"` without a budget) pins for time over memory.
-    `choices` (a prefix of `budget_order`) overrides the policy's own."""
+    `choices` (a prefix of `budget_order`) overrides the policy's own. `pieces` maps a
+    residual's index to how many arrays it moves as, if it moves (`PIECE_STAGGER`)."""
     check_options(policy, min_bytes, device_budget)
+    pieces = check_pieces(usage, pieces or {})
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
     if speed_first is None:
         speed_first = policy == "auto" and device_budget is None
-    profile, clock, eligible, evaluate = _choices(usage, policy, min_bytes, profile, speed_first)
+    profile, clock, eligible, evaluate = _choices(
+        usage, policy, min_bytes, profile, speed_first, pieces
+    )
     chosen: dict[int, Decision]
     if choices is not None:
         chosen = dict(choices)
@@ -428,6 +445,7 @@ def _choices(
     min_bytes: int,
     profile: DeviceProfile | None,
     speed_first: bool = False,
+    pieces: Mapping[int, int] | None = None,
 ) -> tuple[DeviceProfile, np.ndarray, list[ResidualUsage], Evaluate]:
     """The profile, the clock, the residuals a policy may move (or, for "auto",
     recompute by a chain), and how a set of choices evaluates: `(records, predicted
@@ -452,7 +470,7 @@ def _choices(
             # Recomputing alone saves nothing XLA does not save itself: compiled for the
             # H200 it cost up to 56% more temp (reference cnn). Without a move, keep.
             decided = {k: ("keep" if d == "recompute" else d) for k, d in decided.items()}
-        records = _with_pins(usage, decided, clock, profile, in_flight)
+        records = _with_pins(usage, decided, clock, profile, in_flight, pieces or {})
         return records, plan_timeline(usage, records), _exposed_seconds(records, clock, profile)
 
     return profile, clock, eligible, evaluate
@@ -706,6 +724,7 @@ def _with_pins(
     clock: np.ndarray,
     profile: DeviceProfile,
     in_flight: int = 1,
+    pieces: Mapping[int, int] | None = None,
 ) -> tuple[ResidualUsage, ...]:
     """Records with decisions and the forward and backward pin positions.
 
@@ -724,7 +743,11 @@ def _with_pins(
     by_index = {r.index: r for r in usage.residuals}
     need, last = _first_need(by_index, decided, usage)  # keeping a move changes neither
     by_index = _read_checkpoints(by_index, need, last)
-    pins = _pin_positions(usage, by_index, need, decided, clock, profile, in_flight)
+    pieces = {
+        k: n for k, n in (pieces or {}).items()
+        if decided.get(k) == "offload" and not by_index[k].per_iteration
+    }  # fmt: skip
+    pins = _pin_positions(usage, by_index, need, decided, clock, profile, in_flight, pieces)
     windowless = [
         k for k, at in pins.items()
         if not by_index[k].per_iteration and at["offload_by"] >= at["prefetch_at"]
@@ -732,6 +755,9 @@ def _with_pins(
     decided = {**decided, **dict.fromkeys(windowless, "keep")}
     for k in windowless:
         del pins[k]
+        pieces.pop(k, None)
+    for k, n in pieces.items():
+        pins[k]["pieces"] = n
     return tuple(
         dataclasses.replace(by_index[r.index], decision=decided[r.index], **pins.get(r.index, {}))  # type: ignore[arg-type]
         for r in usage.residuals
@@ -746,6 +772,7 @@ def _pin_positions(
     clock: np.ndarray,
     profile: DeviceProfile,
     in_flight: int,
+    pieces: Mapping[int, int],
 ) -> dict[int, dict[str, int]]:
     """`offload_by` and `prefetch_at` of each moved residual (`_with_pins`), from the
     records `by_index` and first needs `need` of `_first_need`."""
@@ -761,13 +788,14 @@ def _pin_positions(
     by_production = sorted(moved, key=lambda r: (r.produced_at, r.index))
     productions = sorted({r.produced_at for r in moved})
     for r in by_production:
-        link_free = max(clock[_copy_starts(r)], link_free) + PIN_SLACK * profile.d2h_seconds(
-            r.nbytes
-        )
+        split = pieces.get(r.index, 1) > 1
+        slack = PIECE_PIN_SLACK if split else PIN_SLACK
+        flight = max(in_flight, PIECE_IN_FLIGHT) if split else in_flight
+        link_free = max(clock[_copy_starts(r)], link_free) + slack * profile.d2h_seconds(r.nbytes)
         pos = int(np.searchsorted(clock, link_free, side="left"))
         later = [p for p in productions if p > r.produced_at]
         end_fwd = backward_from(r)
-        pos = min(pos, later[in_flight - 1] + 1 if len(later) >= in_flight else end_fwd)
+        pos = min(pos, later[flight - 1] + 1 if len(later) >= flight else end_fwd)
         pins[r.index]["offload_by"] = int(np.clip(pos, r.last_forward_use + 1, end_fwd))
 
     link_busy_from = np.inf
@@ -821,16 +849,62 @@ def _exposed_seconds(
 
 
 def arrival_positions(plan: Plan) -> dict[int, int]:
-    """For each residual fetched whole, the backward position by which its copy back
+    """For each residual fetched whole (in one piece), the backward position by which its copy back
     is done by the cost model (its link queue, with `PIN_SLACK`), at most its first use."""
     clock = np.asarray(plan.timeline)
     arrivals: dict[int, int] = {}
     link_free = 0.0
-    fetched = [r for r in plan.offloaded if not r.per_iteration]
+    fetched = [r for r in plan.offloaded if not r.per_iteration and r.pieces < 2]
     for r in sorted(fetched, key=lambda r: (r.prefetch_at, r.first_backward_use, r.index)):
         link_free = max(clock[r.prefetch_at], link_free) + PIN_SLACK * plan.profile.h2d_seconds(
             r.nbytes
         )
         at = int(np.searchsorted(clock, link_free, side="left"))
         arrivals[r.index] = min(at, r.first_backward_use)
+    return arrivals
+
+
+def check_pieces(usage: Usage, pieces: Mapping[int, int]) -> dict[int, int]:
+    """`pieces` checked against `usage`: each key a residual's index, each count a
+    positive int that divides the residual's leading axis."""
+    by_index = {r.index: r for r in usage.residuals}
+    for k, n in pieces.items():
+        r = by_index.get(k)
+        if r is None:
+            raise ValueError(f"pieces: {k!r} is not the index of a residual")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"pieces: {n!r} for residual {k} is not a positive int")
+        if n > 1 and (not r.shape or r.shape[0] % n):
+            raise ValueError(
+                f"pieces: residual {k} ({r.dtype}{list(r.shape)}, {r.source}) does not "
+                f"split into {n} pieces along its leading axis"
+            )
+        if n > 1 and r.per_iteration:
+            raise ValueError(f"pieces: residual {k} ({r.source}) moves one scan slice at a time")
+    return {k: n for k, n in pieces.items() if n > 1}
+
+
+def piece_arrivals(plan: Plan) -> dict[int, list[tuple[int, int]]]:
+    """For each residual moved in pieces, `(piece, position)` for every piece but the
+    last: the backward position by which that piece's copy back is done,
+    `PIECE_STAGGER` times a piece's link time before the next piece's (the last piece is
+    done by the first use), and after its `prefetch_at`.
+
+    Example: a (8, 1024) f32 value fetched in 4 pieces, read at position 40, where the
+    clock runs 1 ms a position and a piece takes 1 ms on the link: pieces 0, 1 and 2 are
+    done by positions 36, 37 and 38 (1.2 ms apart, rounded down).
+    """
+    clock = np.asarray(plan.timeline)
+    arrivals: dict[int, list[tuple[int, int]]] = {}
+    for r in plan.offloaded:
+        if r.pieces < 2:
+            continue
+        assert r.prefetch_at is not None
+        step = PIECE_STAGGER * plan.profile.h2d_seconds(r.nbytes // r.pieces)
+        due = clock[r.first_backward_use]
+        arrivals[r.index] = [
+            (p, max(int(np.searchsorted(clock, due - (r.pieces - 1 - p) * step, "right")) - 1,
+                    r.prefetch_at + 1))
+            for p in range(r.pieces - 1)
+        ]  # fmt: skip
     return arrivals

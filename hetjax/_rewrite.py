@@ -11,6 +11,11 @@ a new jaxpr: the original equations, plus
   equation at `prefetch_at`, then `device_put(r, Device)`, so the copy back starts
   there and not earlier; recomputed residuals are rebuilt just before first use.
 
+A value moved in pieces (`ResidualUsage.pieces`) goes to host as that many arrays,
+split along its leading axis and each tied at `offload_by`; in the backward, each piece
+but the last is tied done by its position in `_plan.piece_arrivals`, and the pieces
+are joined where the value is first read.
+
 A residual stacked by a `scan` and read by one backward `scan` (`per_iteration`)
 moves inside both loops instead: the forward loop puts each iteration's slice to
 host, so the stacked output is a host buffer (XLA writes it with a dynamic-update-
@@ -27,6 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from ._compat import (
@@ -44,7 +50,7 @@ from ._compat import (
 )
 from ._cost import GRADIENT_SUM_PRIMITIVES
 from ._fusion import fuses
-from ._plan import Plan, arrival_positions, matmul_in
+from ._plan import Plan, arrival_positions, matmul_in, piece_arrivals
 from ._trace import runs_a_matmul, scan_like
 from ._usage import VIEW_PRIMITIVES, Recipe, Usage
 
@@ -243,6 +249,7 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
     sliced: dict[int, list[Var]] = {}  # scan eqn -> its outputs moved per iteration
     host_pins = PinQueue()
     seen: set[Var] = set()
+    pieces: dict[Var, int] = {}  # moved as that many arrays (`_plan.piece_arrivals`)
     for r in plan.offloaded:
         v = res_vars[r.index]
         if v in seen:
@@ -252,7 +259,10 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             sliced.setdefault(r.produced_at, []).append(v)
             continue
         offload_after.setdefault(r.produced_at, []).append(v)
-        host_pins.schedule(r.offload_by, v, r.produced_at)
+        if r.pieces > 1:
+            pieces[v] = r.pieces
+        for key in [(v, p) for p in range(r.pieces)] if r.pieces > 1 else [v]:
+            host_pins.schedule(r.offload_by, key, r.produced_at)
 
     live = _live_eqns(jaxpr, [*jaxpr.outvars[: program.num_outputs], *stored_vars])
     # Stacked by a scan only for chains that start from them (`_trace.with_checkpoints`).
@@ -277,9 +287,15 @@ def run_forward(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> tuple[list, 
             outs = bind_eqn(eqn, invals)
         env.update(zip(eqn.outvars, outs, strict=True))
         for v in offload_after.get(i, ()):
-            host[v] = to_host(env[v])
+            if v in pieces:
+                split = jnp.split(env[v], pieces[v])
+                host.update(((v, p), to_host(x)) for p, x in enumerate(split))
+            else:
+                host[v] = to_host(env[v])
     outputs = [read_atom(env, v) for v in jaxpr.outvars[: program.num_outputs]]
     outputs = host_pins.pin_to_outputs(outputs, host)  # pinned at the end of the forward
+    for v, n in pieces.items():
+        host[v] = tuple(host.pop((v, p)) for p in range(n))
     stored = [host[v] if v in host else read_atom(env, v) for v in stored_vars]
     stored += [inputs[i] for i in layout.inputs]
     return outputs, stored
@@ -333,6 +349,10 @@ def run_backward(
             stacks += [value[k] for _, k in recipe.stack_slices]  # kept checkpoints
             scan = program.forward.jaxpr.eqns[r.produced_at]
             rebuilt.setdefault(j, {})[at] = slice_rebuild(scan, res_vars[r.index], recipe, stacks)
+    piece_due: dict[int, list[tuple[int, int]]] = {}  # backward eqn -> (residual, piece)
+    for k, due in piece_arrivals(plan).items():
+        for p, at in due:
+            piece_due.setdefault(at - num_fwd, []).append((k, p))
     for r in plan.offloaded:
         if r.per_iteration:
             sliced.setdefault(r.first_backward_use - num_fwd, []).append(res_invars[r.index])
@@ -348,13 +368,19 @@ def run_backward(
 
     replays = TiedReplays(res_vars, shared_rebuilds(usage, plan))
 
+    fetched: dict[int, list[Any]] = {}  # the pieces fetched of a value moved in pieces
+
     def fetch(k: int) -> None:
-        if k in on_host:
+        if k in on_host and isinstance(on_host[k], tuple):
+            fetched[k] = [to_device(x) for x in on_host.pop(k)]
+        elif k in on_host:
             value[k] = to_device(on_host.pop(k))
 
     def materialize(k: int) -> Any:
         if k not in value:
             fetch(k)
+        if k in fetched:
+            value[k] = jnp.concatenate(fetched.pop(k))
         if k not in value and k in replays.spare:  # made by a sibling's rebuild
             value[k] = replays.spare.pop(k)
         if k not in value:  # recompute from inputs and other residuals
@@ -446,6 +472,9 @@ def run_backward(
         done = [k for k in arrive.get(j, ()) if k in value and res_invars[k] not in env]
         if done and anchor is not None:
             value.update(zip(done, tie_to([value[k] for k in done], anchor), strict=True))
+        for k, p in piece_due.get(j, ()):
+            if k in fetched and anchor is not None:
+                (fetched[k][p],) = tie_to([fetched[k][p]], anchor)
         if j in sliced or j in rebuilt:  # stacks read from host or rebuilt, slice by slice
             here, rebuild = sliced.get(j, []), rebuilt.get(j, {})
             invals = [

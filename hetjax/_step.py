@@ -225,6 +225,8 @@ def run_step(usage: Usage, plan: Plan, inputs: Sequence[Any]) -> list[Any]:
             made_sliced.setdefault(r.produced_at, []).append(v)
             read_sliced.setdefault(r.first_backward_use, []).append(v)
             continue
+        # TODO: move a value planned in pieces (`ResidualUsage.pieces`) in pieces here
+        # too; no plan of a whole train step has them yet, and whole it is still right.
         produced.setdefault(r.produced_at, []).append(v)
         host_pins.schedule(r.offload_by, v, r.produced_at)
         device_pins.schedule(r.prefetch_at, v)

@@ -96,6 +96,9 @@ class ResidualUsage:
     decision: Decision = "keep"
     offload_by: int | None = None
     prefetch_at: int | None = None
+    # An offloaded value moves as this many arrays, split along its leading axis (see
+    # `_plan.piece_arrivals`).
+    pieces: int = 1
 
     @property
     def idle_span(self) -> int:
@@ -105,10 +108,12 @@ class ResidualUsage:
     @property
     def move(self) -> str:
         """How an offloaded residual travels: "per-iteration" slices inside the scans
-        that make and read it, or as a "whole" array. A residual recomputed slice by
+        that make and read it, as a "whole" array, or "in N pieces". A residual recomputed slice by
         slice inside the backward scan is "per-iteration" too; otherwise ""."""
         if self.decision == "offload":
-            return "per-iteration" if self.per_iteration else "whole"
+            if self.per_iteration:
+                return "per-iteration"
+            return f"in {self.pieces} pieces" if self.pieces > 1 else "whole"
         if self.decision == "recompute" and self.per_iteration:
             return "per-iteration"
         return ""

@@ -545,3 +545,42 @@ def test_a_budget_every_chain_misses_moves_what_the_chains_start_from(
 
     assert plan.compiled_peak_bytes <= budget
     assert any(p is not None and moves_starts(p) for p in compiled) == misses
+
+
+def test_a_value_moved_in_pieces_has_each_piece_due_in_turn():
+    # Layer 0's activation, moved in 4 pieces: each piece's copy back is done
+    # PIECE_STAGGER link times of a piece before the next's, the last by the first use.
+    from hetjax._plan import PIECE_STAGGER, piece_arrivals
+
+    usage = synthetic([record(0)])
+    plan = make_plan(usage, "all", min_bytes=0, pieces={0: 4})
+    (r,) = plan.offloaded
+    assert r.pieces == 4 and r.move == "in 4 pieces"
+    assert make_plan(usage, "all", min_bytes=0, pieces={0: 1}).offloaded[0].move == "whole"
+    assert set(piece_arrivals(plan)) == {0}
+    clock = np.asarray(plan.timeline)
+    step = PIECE_STAGGER * plan.profile.h2d_seconds(r.nbytes // 4)
+    due = piece_arrivals(plan)[0]
+    assert [p for p, _ in due] == [0, 1, 2]
+    for p, at in due:
+        assert r.prefetch_at < at < r.first_backward_use
+        assert clock[at] <= clock[r.first_backward_use] - (3 - p) * step < clock[at + 1]
+    # Pieces of a value the plan keeps change nothing.
+    kept = make_plan(usage, "none", min_bytes=0, pieces={0: 4})
+    assert {x.pieces for x in kept.residuals} == {1} and not piece_arrivals(kept)
+
+
+@pytest.mark.parametrize(
+    "pieces, message",
+    [
+        ({7: 2}, "7 is not the index of a residual"),
+        ({0: 0}, "0 for residual 0 is not a positive int"),
+        ({0: 2.0}, "2.0 for residual 0 is not a positive int"),
+        ({0: 3}, r"residual 0 \(float32\[25000000\], synthetic\) does not split into 3"),
+        ({1: 2}, "residual 1 .* moves one scan slice at a time"),
+    ],
+)
+def test_bad_pieces_are_named(pieces, message):
+    usage = synthetic([record(0), record(1, per_iteration=True)])
+    with pytest.raises(ValueError, match=message):
+        make_plan(usage, "all", min_bytes=0, pieces=pieces)
