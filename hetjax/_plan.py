@@ -746,10 +746,8 @@ def _with_pins(
     by_index = {r.index: r for r in usage.residuals}
     need, last = _first_need(by_index, decided, usage)  # keeping a move changes neither
     by_index = _read_checkpoints(by_index, need, last)
-    pieces = {
-        k: n for k, n in (pieces or {}).items()
-        if decided.get(k) == "offload" and not by_index[k].per_iteration
-    }  # fmt: skip
+    # (`check_pieces` has refused pieces of a value moved one scan slice at a time.)
+    pieces = {k: n for k, n in (pieces or {}).items() if decided.get(k) == "offload"}
     pins = _pin_positions(usage, by_index, need, decided, clock, profile, in_flight, pieces)
     windowless = [
         k for k, at in pins.items()
